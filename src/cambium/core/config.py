@@ -1,0 +1,218 @@
+"""TOML configs validated by frozen pydantic v2 models.
+
+Each system defines its config as `ConfigModel` subclasses (every field with a description, which doubles as help
+text) and loads it with `load(path, Model, overrides)`. Validation is strict in JSON mode: TOML's own types must match
+the field types (an int is accepted where a float is expected, a string is never a number), lists become tuples, and
+unknown keys are rejected. Errors name the dotted path, the offending value and what was expected, e.g.
+``configs/moe/tiny.toml: model.moe.top_k=9: must be <= n_routed_experts=8``.
+
+`--set a.b=c` overrides are typed by the model: where the field is a string (or a path, or a string enum) the text is
+taken as it is; otherwise it is parsed as a TOML value (`3`, `1e-3`, `true`, `[1, 2]`, `"text"`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import enum
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from cambium.core.errors import ConfigError
+
+__all__ = ["ConfigModel", "fingerprint", "load", "load_data", "parse_overrides", "to_toml", "validate"]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigModel(BaseModel):
+    """Base of every config model: frozen, strict, unknown keys rejected."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+def load(path: str | Path, model: type[M], overrides: Sequence[str] = ()) -> M:
+    """Read the TOML file at `path`, apply `--set` style `overrides` and validate against `model`.
+
+    Raises ConfigError naming the file, the dotted path and the offending value.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass the path of a .toml file (see configs/)")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc}") from None
+    return validate(data, model, overrides, source=str(path))
+
+
+def load_data(data: Mapping[str, Any], model: type[M], overrides: Sequence[str] = ()) -> M:
+    """Validate an in-memory mapping (e.g. a resolved config read back from a run) like `load` does."""
+    return validate(dict(data), model, overrides, source="<config>")
+
+
+def validate(data: dict[str, Any], model: type[M], overrides: Sequence[str] = (), *, source: str) -> M:
+    data = _deepcopy_tables(data)
+    for path, value in parse_overrides(overrides, model):
+        _set_path(data, path, value)
+    try:
+        return model.model_validate_json(json.dumps(data, default=str))
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(err, model) for err in exc.errors())) from None
+
+
+def parse_overrides(overrides: Iterable[str], model: type[BaseModel]) -> list[tuple[list[str], Any]]:
+    """Turn `a.b=c` strings into (path, typed value) pairs, checking that the path exists in `model`."""
+    parsed: list[tuple[list[str], Any]] = []
+    for text in overrides:
+        key, sep, raw = text.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {text!r} is not of the form section.key=value")
+        path = key.split(".")
+        annotation = _annotation_at(model, path)
+        parsed.append((path, raw if _takes_text(annotation) else _parse_toml_value(raw)))
+    return parsed
+
+
+def to_toml(cfg: BaseModel) -> str:
+    """The resolved config as TOML text (None values are left out; TOML has no null)."""
+    return tomli_w.dumps(_drop_none(cfg.model_dump(mode="json")))
+
+
+def fingerprint(cfg: BaseModel) -> str:
+    """sha256 of the config's canonical JSON: equal configs have equal fingerprints, whatever the key order."""
+    canonical = json.dumps(cfg.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _describe(err: Any, model: type[BaseModel]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    dotted = ".".join(loc) or "<root>"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        known = _known_keys(model, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        return f"{dotted}: unknown key ({hint}known keys here: {', '.join(sorted(known))})"
+    if kind == "missing":
+        return f"{dotted}: required key is missing"
+    msg = err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    return f"{dotted}={_short(err.get('input'))}: {msg}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _deepcopy_tables(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy_tables(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy_tables(v) for v in data]
+    return data
+
+
+def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node = data
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(path)}: {part!r} holds a value, not a table")
+        node = child
+    node[path[-1]] = value
+
+
+def _parse_toml_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def _unwrap(annotation: Any) -> list[Any]:
+    """The concrete alternatives of an annotation (Optional/Union/Annotated peeled off)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        out: list[Any] = []
+        for arg in typing.get_args(annotation):
+            if arg is not type(None):
+                out.extend(_unwrap(arg))
+        return out
+    return [annotation]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    for alt in _unwrap(annotation):
+        if isinstance(alt, type) and issubclass(alt, BaseModel):
+            return alt
+    return None
+
+
+def _annotation_at(model: type[BaseModel], path: list[str]) -> Any:
+    current: type[BaseModel] | None = model
+    annotation: Any = None
+    for i, part in enumerate(path):
+        if current is None:
+            # Inside a free-form table (e.g. dict[str, float]): no type information further down.
+            return None
+        fields = current.model_fields
+        if part not in fields:
+            close = difflib.get_close_matches(part, list(fields), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(
+                f"override {'.'.join(path)}: unknown key {'.'.join(path[: i + 1])!r} "
+                f"({hint}known keys here: {', '.join(sorted(fields))})"
+            )
+        annotation = fields[part].annotation
+        current = _model_in(annotation)
+        if current is None and i < len(path) - 1 and typing.get_origin(annotation) is not dict:
+            raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])!r} is a value, not a table")
+    return annotation
+
+
+def _takes_text(annotation: Any) -> bool:
+    alts = _unwrap(annotation)
+    if not alts or annotation is None:
+        return False
+    for alt in alts:
+        if alt is str or alt is Path:
+            continue
+        if isinstance(alt, type) and issubclass(alt, enum.Enum) and all(isinstance(m.value, str) for m in alt):
+            continue
+        if typing.get_origin(alt) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(alt)):
+            continue
+        return False
+    return True
+
+
+def _known_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None or part not in current.model_fields:
+            return []
+        current = _model_in(current.model_fields[part].annotation)
+    return list(current.model_fields) if current is not None else []
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_none(v) for v in value]
+    return value

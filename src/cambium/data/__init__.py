@@ -1,0 +1,1 @@
+"""Datasets: token shards and deterministic mixtures with exact resume, tokenizers, text and image readers."""

@@ -1,0 +1,262 @@
+"""Binance as a websocket venue: endpoints, limits, stream routing, control messages and frame decoding.
+
+Everything Binance-specific the generic connector needs sits in a `Venue` object; the connector itself has no venue
+branches. Wire messages are frozen typed structs (NamedTuples: immutable and cheap to build) decoded once from the
+combined-stream envelope ``{"stream": ..., "data": ...}`` and converted once to `MarketEvent`s.
+
+Since 2026-04-23 USDⓈ-M streams are served on routed paths: ``@bookTicker`` and ``@depth*`` on ``/public``, trades,
+klines, mark price and tickers on ``/market``; the legacy path still accepts the handshake but sends no klines, so the
+venue routes each stream to its endpoint and the connector opens at least one connection per endpoint.
+
+Payload keys per event type: trade ``price, qty, side ('buy'|'sell' = taker side), trade_id, trade_time``;
+book ``kind ('top'|'diff'|'snapshot')`` with ``bid, bid_qty, ask, ask_qty, update_id`` for 'top' and
+``bids, asks ([[price, qty], ...]), first_update_id, last_update_id, prev_update_id`` otherwise; kline
+``interval, open_time, close_time, open, high, low, close, volume, quote_volume, trades, taker_buy_base,
+taker_buy_quote, closed``; mark ``mark, index, settle, funding_rate, next_funding_time``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import orjson
+
+from cambium.market.config import WsConfig
+from cambium.market.events import MarketEvent
+
+__all__ = [
+    "ControlReply",
+    "MalformedFrame",
+    "Venue",
+    "binance_spot_venue",
+    "binance_usdm_venue",
+    "decode_binance",
+    "route_usdm",
+]
+
+
+class MalformedFrame(ValueError):
+    """A frame that is not a well-formed message of the venue; counted and skipped by the connector."""
+
+
+class ControlReply(NamedTuple):
+    """The answer to a control message: its id and the error text (None on success)."""
+
+    id: int
+    error: str | None
+
+
+class WireTrade(NamedTuple):
+    """``trade`` and ``aggTrade`` data (aggTrade's aggregate id ``a`` stands in for the trade id ``t``)."""
+
+    E: int
+    T: int
+    s: str
+    t: int
+    p: str
+    q: str
+    m: bool
+
+    def event(self, source: str, recv_ns: int) -> MarketEvent:
+        E, T, s, t, p, q, m = self
+        payload = {"price": float(p), "qty": float(q), "side": "sell" if m else "buy", "trade_id": t, "trade_time": T}
+        return MarketEvent(E, source, s, "trade", payload, recv_ns)
+
+
+class WireBookTicker(NamedTuple):
+    s: str
+    u: int
+    b: str
+    B: str
+    a: str
+    A: str
+    E: int | None
+
+    def event(self, source: str, recv_ns: int) -> MarketEvent:
+        s, u, b, B, a, A, E = self
+        payload = {"kind": "top", "bid": float(b), "bid_qty": float(B), "ask": float(a), "ask_qty": float(A),
+                   "update_id": u}
+        return MarketEvent(E if E is not None else recv_ns // 1_000_000, source, s, "book", payload, recv_ns)
+
+
+def _levels(levels: list[list[str]]) -> list[list[float]]:
+    return [[float(p), float(q)] for p, q in levels]
+
+
+class WireDepth(NamedTuple):
+    E: int
+    s: str
+    U: int
+    u: int
+    pu: int | None
+    b: list[list[str]]
+    a: list[list[str]]
+
+    def event(self, source: str, recv_ns: int) -> MarketEvent:
+        payload = {"kind": "diff", "bids": _levels(self.b), "asks": _levels(self.a), "first_update_id": self.U,
+                   "last_update_id": self.u, "prev_update_id": self.pu}
+        return MarketEvent(self.E, source, self.s, "book", payload, recv_ns)
+
+
+class WireKline(NamedTuple):
+    E: int
+    s: str
+    k: dict[str, Any]
+
+    def event(self, source: str, recv_ns: int) -> MarketEvent:
+        k = self.k
+        payload = {
+            "interval": k["i"], "open_time": k["t"], "close_time": k["T"], "open": float(k["o"]),
+            "high": float(k["h"]), "low": float(k["l"]), "close": float(k["c"]), "volume": float(k["v"]),
+            "quote_volume": float(k["q"]), "trades": k["n"], "taker_buy_base": float(k["V"]),
+            "taker_buy_quote": float(k["Q"]), "closed": bool(k["x"]),
+        }
+        return MarketEvent(self.E, source, self.s, "kline", payload, recv_ns)
+
+
+class WireMarkPrice(NamedTuple):
+    E: int
+    s: str
+    p: str
+    i: str
+    P: str
+    r: str
+    T: int
+
+    def event(self, source: str, recv_ns: int) -> MarketEvent:
+        payload = {"mark": float(self.p), "index": float(self.i), "settle": float(self.P),
+                   "funding_rate": float(self.r) if self.r != "" else None, "next_funding_time": self.T}
+        return MarketEvent(self.E, source, self.s, "mark", payload, recv_ns)
+
+
+# tuple.__new__ skips the NamedTuple's Python-level __new__: a third of the struct's cost on the hot path.
+_new = tuple.__new__
+
+
+def _trade(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
+    return _new(WireTrade, (d["E"], d["T"], d["s"], d["t"], d["p"], d["q"], d["m"])).event(source, recv_ns)
+
+
+def _agg_trade(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
+    return _new(WireTrade, (d["E"], d["T"], d["s"], d["a"], d["p"], d["q"], d["m"])).event(source, recv_ns)
+
+
+def _depth(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
+    return WireDepth(d["E"], d["s"], d["U"], d["u"], d.get("pu"), d["b"], d["a"]).event(source, recv_ns)
+
+
+def _book_ticker(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
+    return _new(WireBookTicker, (d["s"], d["u"], d["b"], d["B"], d["a"], d["A"], d.get("E"))).event(source, recv_ns)
+
+
+def _kline(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
+    return WireKline(d["E"], d["s"], d["k"]).event(source, recv_ns)
+
+
+def _mark(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
+    return WireMarkPrice(d["E"], d["s"], d["p"], d["i"], d["P"], d.get("r", ""), d["T"]).event(source, recv_ns)
+
+
+_BY_EVENT = {
+    "trade": _trade,
+    "aggTrade": _agg_trade,
+    "depthUpdate": _depth,
+    "bookTicker": _book_ticker,
+    "kline": _kline,
+    "markPriceUpdate": _mark,
+}
+
+
+def _one(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
+    e = d.get("e")
+    fn = _BY_EVENT.get(e) if e is not None else (_book_ticker if "A" in d else None)  # spot bookTicker has no "e"
+    if fn is None:
+        raise MalformedFrame(f"unknown event type {e!r}")
+    return fn(d, source, recv_ns)
+
+
+def decode_binance(frame: str | bytes, recv_ns: int, source: str) -> list[MarketEvent] | ControlReply:
+    """Decode one combined-stream frame into events, or a control reply; raise MalformedFrame otherwise."""
+    try:
+        msg = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedFrame(f"not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise MalformedFrame(f"expected a JSON object, got {type(msg).__name__}")
+    data = msg.get("data")
+    if data is None:
+        rid = msg.get("id")
+        if isinstance(rid, int) and "stream" not in msg:
+            if "result" in msg:
+                return ControlReply(rid, None)
+            err = msg.get("error", msg)
+            if "msg" in err or "code" in err:
+                return ControlReply(rid, f"code={err.get('code')} msg={err.get('msg')}")
+        raise MalformedFrame("no 'data' in the combined-stream envelope")
+    if not isinstance(msg.get("stream"), str):
+        raise MalformedFrame("no 'stream' name in the combined-stream envelope")
+    try:
+        if isinstance(data, list):  # all-market streams such as !markPrice@arr
+            return [_one(d, source, recv_ns) for d in data]
+        if isinstance(data, dict):
+            return [_one(data, source, recv_ns)]
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MalformedFrame(f"{msg.get('stream')}: bad payload ({type(exc).__name__}: {exc})") from None
+    raise MalformedFrame(f"'data' is a {type(data).__name__}")
+
+
+def route_usdm(stream: str) -> str:
+    """USDⓈ-M endpoint of a stream name: 'public' for book streams, 'market' for everything else."""
+    kind = stream.split("@", 1)[1] if "@" in stream else stream
+    if kind.startswith(("bookTicker", "depth")) or stream == "!bookTicker":
+        return "public"
+    return "market"
+
+
+@dataclass(frozen=True)
+class Venue:
+    """What the generic connector needs to know about one websocket venue."""
+
+    name: str
+    endpoints: dict[str, str]
+    route: Callable[[str], str]
+    control_messages_per_s: float
+    max_streams_per_connection: int
+    decoder: Callable[[str | bytes, int, str], list[MarketEvent] | ControlReply]
+
+    def url(self, endpoint: str) -> str:
+        return self.endpoints[endpoint].rstrip("/") + "/stream"
+
+    def subscribe(self, streams: list[str], msg_id: int) -> str:
+        return orjson.dumps({"method": "SUBSCRIBE", "params": streams, "id": msg_id}).decode()
+
+    def decode(self, frame: str | bytes, recv_ns: int) -> list[MarketEvent] | ControlReply:
+        return self.decoder(frame, recv_ns, self.name)
+
+
+def binance_usdm_venue(cfg: WsConfig | None = None) -> Venue:
+    """USDⓈ-M futures: /public and /market endpoints, 10 control messages/s, 1024 streams per connection."""
+    cfg = cfg or WsConfig()
+    return Venue(
+        name="binance_usdm",
+        endpoints={"public": cfg.futures_public_url, "market": cfg.futures_market_url},
+        route=route_usdm,
+        control_messages_per_s=cfg.control_messages_per_s or 10.0,
+        max_streams_per_connection=cfg.max_streams_per_connection,
+        decoder=decode_binance,
+    )
+
+
+def binance_spot_venue(cfg: WsConfig | None = None) -> Venue:
+    """Spot: one endpoint, 5 control messages/s, 1024 streams per connection."""
+    cfg = cfg or WsConfig()
+    return Venue(
+        name="binance_spot",
+        endpoints={"spot": cfg.spot_url},
+        route=lambda stream: "spot",
+        control_messages_per_s=cfg.control_messages_per_s or 5.0,
+        max_streams_per_connection=cfg.max_streams_per_connection,
+        decoder=decode_binance,
+    )

@@ -1,0 +1,318 @@
+"""The websocket connector: sharded combined-stream connections that survive disconnects, stalls and bans.
+
+Generic over `Venue` (no venue branches here). Per shard, forever until stopped:
+
+1. wait for the circuit breaker (open after N failed handshakes, half-open probe after a cool-down) and for the
+   per-IP new-connection budget (shared by all shards);
+2. connect to the shard's endpoint and (re)subscribe its streams with SUBSCRIBE messages, at most
+   `control_messages_per_s` - 1 per second so the library's pings/pongs fit under the venue's per-connection cap;
+3. receive: stamp every frame (wall and monotonic ns, shard id), decode it once, count and skip malformed frames,
+   answer control errors by re-sending that subscription, push (Record, events) to the shared queue;
+4. a watchdog closes the connection when no data frame came for `stale_after_s` (that shard only) or when it is
+   `rotate_after_s` old (Binance cuts connections at 24 h);
+5. wait a back-off delay (exponential, full jitter; reset after a connection that delivered data; none after a
+   planned rotation) and go to 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from cambium.core.errors import ConfigError
+from cambium.market.binance import ControlReply, MalformedFrame, Venue
+from cambium.market.config import WsConfig
+from cambium.market.events import MarketEvent
+from cambium.market.limits import Backoff, CircuitBreaker, Clock, SlidingWindowLimiter, SystemClock, shard_streams
+from cambium.market.recorder import Record
+
+__all__ = ["Connector", "Delivery", "ShardStats"]
+
+log = logging.getLogger("cambium.market.connector")
+
+Delivery = tuple[Record, list[MarketEvent]]
+MAX_SUBSCRIBE_RETRIES = 3
+
+
+@dataclass
+class ShardStats:
+    """Counters of one shard (also the input of the screener's observability metrics)."""
+
+    shard: int
+    endpoint: str
+    streams: int
+    connects: int = 0
+    handshake_failures: int = 0
+    disconnects: int = 0
+    frames: int = 0
+    malformed: int = 0
+    control_sent: int = 0
+    control_errors: int = 0
+    stale_reconnects: int = 0
+    rotations: int = 0
+    errors: int = 0
+    backoff_delays: list[float] = field(default_factory=list)
+    connect_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+    control_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+
+
+class _Shard:
+    def __init__(self, sid: int, endpoint: str, streams: list[str], conn: Connector) -> None:
+        self.sid = sid
+        self.endpoint = endpoint
+        self.streams = streams
+        self.c = conn
+        cfg = conn.cfg
+        self.stats = ShardStats(sid, endpoint, len(streams))
+        self.backoff = Backoff(cfg.backoff_base_s, cfg.backoff_cap_s, conn.rng)
+        self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s, conn.clock)
+        self.last_data = 0.0
+        self.blocked = False
+        self.close_reason = ""
+
+    async def run(self) -> None:
+        c = self.c
+        clock = c.clock
+        url = c.venue.url(self.endpoint)
+        while not c.stopping:
+            while not self.breaker.allow():
+                await clock.sleep(max(self.breaker.wait_time(), 1e-3))
+            await c.connection_budget.acquire()
+            try:
+                delivered = await self._connection(url)
+            except Exception:  # a bug must not silently kill the shard: log it, count it, reconnect
+                log.exception("shard %d: unexpected error, reconnecting", self.sid)
+                self.stats.errors += 1
+                delivered = False
+            if c.stopping:
+                return
+            if self.close_reason == "rotate":
+                self.backoff.reset()
+                continue
+            if delivered:
+                self.backoff.reset()
+            delay = self.backoff.next()
+            self.stats.backoff_delays.append(delay)
+            await clock.sleep(delay)
+
+    async def _connection(self, url: str) -> bool:
+        c = self.c
+        cfg = c.cfg
+        self.close_reason = ""
+        self.stats.connects += 1
+        self.stats.connect_times.append(c.clock.monotonic())
+        try:
+            ws = await c.connect(
+                url,
+                ping_interval=cfg.ping_interval_s,
+                ping_timeout=cfg.ping_timeout_s,
+                open_timeout=cfg.open_timeout_s,
+                close_timeout=1.0,
+                max_size=None,
+                max_queue=None,
+            )
+        except (OSError, InvalidHandshake, TimeoutError) as exc:
+            self.stats.handshake_failures += 1
+            self.breaker.record_failure()
+            log.info("shard %d: connect to %s failed: %s", self.sid, url, exc)
+            return False
+        self.breaker.record_success()
+        frames_before = self.stats.frames
+        self.last_data = c.clock.monotonic()
+        opened = self.last_data
+        limiter = SlidingWindowLimiter(c.control_budget, 1.0, c.clock, min_interval=1.0 / c.control_budget)
+        resend: asyncio.Queue[int] = asyncio.Queue()
+        sub = asyncio.create_task(self._subscribe(ws, limiter, resend))
+        dog = asyncio.create_task(self._watchdog(ws, opened))
+        try:
+            await self._receive(ws, resend)
+        except ConnectionClosed:
+            pass
+        finally:
+            for task in (sub, dog):
+                task.cancel()
+            for task in (sub, dog):
+                try:
+                    await task
+                except (asyncio.CancelledError, ConnectionClosed):
+                    pass
+                except Exception:
+                    log.exception("shard %d: %s task failed", self.sid, task.get_name())
+                    self.stats.errors += 1
+            with contextlib.suppress(Exception):
+                await ws.close()
+        self.stats.disconnects += 1
+        return self.stats.frames > frames_before
+
+    async def _subscribe(self, ws: Any, limiter: SlidingWindowLimiter, resend: asyncio.Queue[int]) -> None:
+        c = self.c
+        chunks = [self.streams[i : i + c.cfg.streams_per_subscribe]
+                  for i in range(0, len(self.streams), c.cfg.streams_per_subscribe)]
+        pending: dict[int, tuple[list[str], int]] = {}
+        queue: deque[tuple[list[str], int]] = deque((chunk, 0) for chunk in chunks)
+        while True:
+            while queue:
+                chunk, tries = queue.popleft()
+                await limiter.acquire()
+                msg_id = c.next_id()
+                pending[msg_id] = (chunk, tries)
+                self.stats.control_sent += 1
+                self.stats.control_times.append(c.clock.monotonic())
+                await ws.send(c.venue.subscribe(chunk, msg_id))
+            failed = await resend.get()
+            if failed in pending:
+                chunk, tries = pending.pop(failed)
+                if tries + 1 > MAX_SUBSCRIBE_RETRIES:
+                    log.warning("shard %d: subscription refused %d times, reconnecting", self.sid, tries + 1)
+                    await ws.close(1000, "subscription refused")
+                    return
+                queue.append((chunk, tries + 1))
+
+    async def _watchdog(self, ws: Any, opened: float) -> None:
+        c = self.c
+        cfg = c.cfg
+        tick = max(1e-3, min(cfg.stale_after_s, cfg.rotate_after_s) / 4)
+        while True:
+            await c.clock.sleep(tick)
+            now = c.clock.monotonic()
+            if now - opened >= cfg.rotate_after_s:
+                self.close_reason = "rotate"
+                self.stats.rotations += 1
+                await ws.close(1000, "rotation")
+                return
+            if not self.blocked and now - self.last_data >= cfg.stale_after_s:
+                self.close_reason = "stale"
+                self.stats.stale_reconnects += 1
+                log.info("shard %d: no data for %.3f s, reconnecting", self.sid, now - self.last_data)
+                await ws.close(1000, "stale")
+                return
+
+    async def _receive(self, ws: Any, resend: asyncio.Queue[int]) -> None:
+        c = self.c
+        stats = self.stats
+        decode = c.venue.decode
+        clock = c.clock
+        queue = c.queue
+        sid = self.sid
+        async for frame in ws:
+            recv_ns = clock.time_ns()
+            mono_ns = clock.monotonic_ns()
+            if isinstance(frame, bytes):
+                try:
+                    frame = frame.decode()
+                except UnicodeDecodeError:
+                    stats.malformed += 1
+                    continue
+            try:
+                out = decode(frame, recv_ns)
+            except MalformedFrame:
+                stats.malformed += 1
+                continue
+            if isinstance(out, ControlReply):
+                if out.error is not None:
+                    stats.control_errors += 1
+                    log.warning("shard %d: control message %d refused: %s", sid, out.id, out.error)
+                    resend.put_nowait(out.id)
+                continue
+            stats.frames += 1
+            self.last_data = mono_ns / 1e9
+            item = (Record(recv_ns, mono_ns, sid, frame), out)
+            if queue.full():
+                # A slow consumer is not a stale feed: the watchdog looks away while we wait for room.
+                self.blocked = True
+                try:
+                    await queue.put(item)
+                finally:
+                    self.blocked = False
+                    self.last_data = clock.monotonic()
+            else:
+                queue.put_nowait(item)
+
+
+class Connector:
+    """Streams of one venue over sharded connections; iterate `deliveries()` or `events()`.
+
+    ``async with Connector(venue, streams, cfg) as conn: async for ev in conn.events(): ...``
+    """
+
+    def __init__(
+        self,
+        venue: Venue,
+        streams: list[str],
+        cfg: WsConfig | None = None,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        connection_budget: SlidingWindowLimiter | None = None,
+        connect: Callable[..., Any] = ws_connect,
+    ) -> None:
+        self.venue = venue
+        self.cfg = cfg or WsConfig()
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.connect = connect
+        if not streams:
+            raise ConfigError("the connector needs at least one stream name")
+        cap = min(self.cfg.max_streams_per_connection, venue.max_streams_per_connection)
+        self.plan = shard_streams(streams, venue.route, cap)
+        # Pings and pongs count towards the venue's per-connection message cap: keep one slot for them.
+        self.control_budget = max(1, int(venue.control_messages_per_s) - (1 if self.cfg.ping_interval_s else 0))
+        self.connection_budget = connection_budget or SlidingWindowLimiter(
+            self.cfg.new_connections_per_window, self.cfg.connection_window_s, self.clock
+        )
+        self.queue: asyncio.Queue[Delivery] = asyncio.Queue(self.cfg.queue_size)
+        self.shards = [_Shard(i, ep, s, self) for i, (ep, s) in enumerate(self.plan)]
+        self.stopping = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self._id = 0
+
+    def next_id(self) -> int:
+        self._id += 1
+        return self._id
+
+    @property
+    def stats(self) -> list[ShardStats]:
+        return [s.stats for s in self.shards]
+
+    def breaker(self, shard: int) -> CircuitBreaker:
+        return self.shards[shard].breaker
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(s.run(), name=f"shard-{s.sid}") for s in self.shards]
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks = []
+
+    async def __aenter__(self) -> Connector:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def deliveries(self) -> AsyncIterator[Delivery]:
+        """(Record, events) per well-formed data frame, in receive order per shard."""
+        while True:
+            item = await self.queue.get()
+            yield item
+
+    async def events(self) -> AsyncIterator[MarketEvent]:
+        while True:
+            _, events = await self.queue.get()
+            for ev in events:
+                yield ev

@@ -1,0 +1,75 @@
+"""`cambium morph ...`: train a morphogenetic CIFAR-10 run (or its static baseline), resume one, show a report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cambium.core.config import load
+from cambium.core.runs import get_run
+from cambium.morph.config import CONFIG_MODEL
+
+__all__ = ["app", "demo"]
+
+app = typer.Typer(help="Morphogenetic training: seeds grow into the host where it needs capacity.",
+                  no_args_is_help=True, add_completion=False)
+
+ConfigOpt = Annotated[Path, typer.Option("--config", help="TOML config (configs/morph/*.toml)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: section.key=value")]
+RootOpt = Annotated[Path, typer.Option("--root", help="runs directory (run registry experiments.sqlite)")]
+
+
+@app.command("train")
+def train_command(
+    config: ConfigOpt = Path("configs/morph/cifar10-cpu.toml"),
+    overrides: SetOpt = None,
+    no_morphogenetic: Annotated[bool, typer.Option("--no-morphogenetic", help="train the host alone (baseline)")]
+    = False,
+    resume: Annotated[str | None, typer.Option("--resume", help="run id (or unique prefix) to continue")] = None,
+    root: RootOpt = Path("runs"),
+) -> None:
+    """Train the host CNN on CIFAR-10 with seeds (or without, for the baseline); prints the report summary."""
+    from cambium.morph.train import train
+
+    sets = list(overrides or [])
+    if no_morphogenetic:
+        sets.append("train.morphogenetic=false")
+    if resume is not None:
+        record = get_run(root, resume)
+        cfg = load(record.dir / "config.toml", CONFIG_MODEL)
+        report = train(cfg, name=record.name, runs_root=root, resume=record.id)
+    else:
+        cfg = load(config, CONFIG_MODEL, sets)
+        report = train(cfg, name=config.stem + ("-static" if no_morphogenetic else ""), runs_root=root)
+    _print_summary(report)
+
+
+@app.command("report")
+def report_command(run: Annotated[str, typer.Argument(help="run id or unique prefix")], root: RootOpt = Path("runs")
+                   ) -> None:
+    """Accuracy, parameters and the seed timeline of a finished run."""
+    record = get_run(root, run)
+    path = record.dir / "report.json"
+    if not path.is_file():
+        typer.echo(f"run {record.id} has no report.json yet (still running or stopped early)")
+        raise typer.Exit(1)
+    _print_summary(json.loads(path.read_text()))
+
+
+def _print_summary(report: dict[str, Any]) -> None:
+    typer.echo(f"run {report['run_id']}: val_acc {report['val_acc']:.4f} test_acc {report['test_acc']:.4f} "
+               f"params {report['params']} (host {report['host_params']}) after {report['epochs_done']} epochs")
+    for loc, seed in report.get("seeds", {}).items():
+        steps = " → ".join(f"{c['target']}@{c['epoch']}" for c in seed["timeline"]) or "DORMANT"
+        typer.echo(f"  seed {loc}: {steps}")
+
+
+def demo(runs_dir: Path = Path("runs")) -> None:
+    """A seconds-long morph run on 512 CIFAR-10 images (configs/morph/tiny.toml), registered under `runs_dir`."""
+    from cambium.morph.train import train
+
+    cfg = load(Path("configs/morph/tiny.toml"), CONFIG_MODEL, [f"library.root={runs_dir / 'urza'}"])
+    _print_summary(train(cfg, name="demo", runs_root=runs_dir))

@@ -1,0 +1,150 @@
+"""Config models of morph. `CONFIG_MODEL` is the root loaded from configs/morph/*.toml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cambium.core.config import ConfigModel
+
+__all__ = [
+    "CONFIG_MODEL",
+    "DataConfig",
+    "LibraryConfig",
+    "LifecycleConfig",
+    "ModelConfig",
+    "MorphConfig",
+    "PolicyConfig",
+    "SeedsConfig",
+    "TrainConfig",
+]
+
+
+class SeedsConfig(ConfigModel):
+    """Where seeds go and how their telemetry is taken (MOR-2)."""
+
+    locations: tuple[str, ...] = Field(
+        default=(), description="dotted names of host modules a seed slot follows (see wrap.suggest_locations)"
+    )
+    telemetry_every: int = Field(default=4, ge=1, description="sample telemetry on every n-th training forward")
+    dead_threshold: float = Field(default=1e-6, ge=0.0, description="a channel with max |x| below this is dead")
+    var_floor: float = Field(default=1e-4, gt=0.0, description="activation variance at which health halves")
+    pressure_ref: float = Field(default=1.0, gt=0.0, description="gradient pressure at which health halves")
+    confidence_half_samples: float = Field(default=4.0, gt=0.0, description="samples at which confidence is 0.5")
+
+
+class LifecycleConfig(ConfigModel):
+    """Durations, gates and safety limits of the seed lifecycle (MOR-3, MOR-4)."""
+
+    training_epochs: int = Field(default=1, ge=1, description="epochs a seed learns its reconstruction target")
+    reconstruction_step: float = Field(default=1.0, gt=0.0, description="η of the target r* = -η·B·∂L/∂x")
+    min_explained: float = Field(
+        default=0.0, description="TRAINING passes if 1 - mse/mean(r*²) over its last epoch exceeds this"
+    )
+    graft_steps: int = Field(default=50, ge=1, description="steps over which alpha ramps 0 → 1 in GRAFTING")
+    stabilization_epochs: int = Field(default=1, ge=1, description="epochs at alpha = 1 before evaluation")
+    fine_tune_epochs: int = Field(default=1, ge=1, description="epochs host and seed train jointly")
+    min_delta: float = Field(
+        default=0.0, description="EVALUATING passes if val metric (seed on) - (seed off) >= this"
+    )
+    fine_tune_tolerance: float = Field(
+        default=0.01, ge=0.0, description="FINE_TUNING passes if val metric >= evaluated metric - this"
+    )
+    loss_spike_factor: float = Field(
+        default=3.0, gt=1.0, description="a step loss above this × the last good epoch's mean loss rolls back"
+    )
+    embargo_epochs: int = Field(default=2, ge=0, description="epochs a location is blocked after a failure")
+    max_adaptations_per_epoch: int = Field(default=2, ge=0, description="germinations allowed per epoch boundary")
+    freeze_host_during_adaptation: bool = Field(
+        default=True, description="host weights do not change while a seed is TRAINING..EVALUATING"
+    )
+    seed_lr: float = Field(default=1e-3, gt=0.0, description="Adam learning rate of seed kernels")
+    await_compiles: bool = Field(
+        default=True,
+        description="at a boundary, wait for compilations still in flight (training never waits mid-epoch); "
+        "makes transitions independent of thread timing",
+    )
+    compile_timeout_epochs: int = Field(
+        default=3, ge=1, description="a GERMINATED seed whose kernel is not ready after this many epochs is culled"
+    )
+
+
+class PolicyConfig(ConfigModel):
+    """Tamiyo's heuristic policy (MOR-6)."""
+
+    health_threshold: float = Field(default=0.3, ge=0.0, le=1.0, description="adapt where health_score < this")
+    confidence_threshold: float = Field(default=0.7, ge=0.0, le=1.0, description="... and confidence > this")
+    blueprints_conv: tuple[str, ...] = Field(
+        default=("conv_bottleneck", "squeeze_excitation", "attention"),
+        description="blueprints tried in order at a [B, C, H, W] location (next one after each failure)",
+    )
+    blueprints_tokens: tuple[str, ...] = Field(
+        default=("low_rank_adapter", "residual_mlp", "attention"),
+        description="blueprints tried in order at a [B, T, D] location",
+    )
+    blueprints_flat: tuple[str, ...] = Field(
+        default=("residual_mlp", "low_rank_adapter"), description="blueprints tried in order at a [B, D] location"
+    )
+
+
+class LibraryConfig(ConfigModel):
+    """Urza storage, Tezzeret compilation, Kasmina's kernel cache, Karn's limits (MOR-5)."""
+
+    root: Path = Field(default=Path("runs/urza"), description="directory of the local artifact store")
+    cache_bytes: int = Field(default=128 * 2**20, ge=0, description="Kasmina's LRU kernel cache budget in bytes")
+    backend: Literal["eager", "codegen"] = Field(default="codegen", description="Tezzeret compile backend")
+    benchmark_batch: int = Field(default=8, ge=1, description="batch size of Urabrask's latency measurement")
+    benchmark_repeats: int = Field(default=5, ge=1, description="timed forwards per benchmark (median kept)")
+    max_params: int = Field(default=200_000, ge=1, description="Karn rejects mutants with more parameters")
+
+
+class DataConfig(ConfigModel):
+    """CIFAR-10 subset (Tolaria)."""
+
+    root: Path = Field(
+        default=Path("data/samples/images/cifar10/cifar-10-batches-py"), description="cifar-10-batches-py dir"
+    )
+    train_batches: tuple[str, ...] = Field(default=("data_batch_1", "data_batch_2"), description="training files")
+    val_fraction: float = Field(default=0.2, gt=0.0, lt=1.0, description="share of training images for validation")
+    limit: int = Field(default=0, ge=0, description="use at most this many training images (0 = all)")
+    batch_size: int = Field(default=64, ge=1, description="batch size")
+
+
+class ModelConfig(ConfigModel):
+    """Host CNN (Tolaria)."""
+
+    widths: tuple[int, ...] = Field(default=(8, 16, 16), min_length=1, description="channels of each conv stage")
+    num_classes: int = Field(default=10, ge=2, description="classes")
+
+
+class TrainConfig(ConfigModel):
+    """Tolaria's loop."""
+
+    epochs: int = Field(default=12, ge=1, description="epochs")
+    lr: float = Field(default=3e-3, gt=0.0, description="host AdamW learning rate")
+    weight_decay: float = Field(default=0.0, ge=0.0, description="host AdamW weight decay")
+    seed: int = Field(default=0, ge=0, description="RNG seed")
+    morphogenetic: bool = Field(default=True, description="False runs the same host without seeds (baseline)")
+
+
+class MorphConfig(ConfigModel):
+    """Root config of a morph run."""
+
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig, description="seed slots and telemetry")
+    lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig, description="lifecycle and safety")
+    policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Tamiyo")
+    library: LibraryConfig = Field(default_factory=LibraryConfig, description="Urza, Tezzeret, Kasmina cache")
+    data: DataConfig = Field(default_factory=DataConfig, description="data")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="host model")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training loop")
+
+    @model_validator(mode="after")
+    def _check(self) -> MorphConfig:
+        if len(set(self.seeds.locations)) != len(self.seeds.locations):
+            raise ValueError(f"seeds.locations={list(self.seeds.locations)} lists a location twice")
+        return self
+
+
+CONFIG_MODEL = MorphConfig

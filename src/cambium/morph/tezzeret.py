@@ -1,0 +1,176 @@
+"""Tezzeret, the compiler: BlueprintIR → runnable module, in a background worker that never blocks training.
+
+Compiling = building the module with deterministic parameters (a private generator seeded by
+`settings.init_seed`), generating its forward as straight-line Python from the IR (backend "codegen"; "eager" keeps
+the interpreting IRModule), benchmarking it (Urabrask), and storing the payload content-addressed in Urza. torch.fx
+is deliberately not used: its tracer patches `nn.Module.__call__` process-wide, which would hijack the training
+loop's forwards running in the main thread while the worker traces. The payload is a `torch.save` of plain data
+(IR JSON, settings JSON, state dict) so it loads with `weights_only=True`; the module is rebuilt from the IR.
+
+The worker is one thread fed by a queue: `submit` returns a Future at once; with a bus, requests arrive on
+compilation.blueprint.submitted and outcomes leave on compilation.kernel.ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import nn
+
+from cambium.morph.contracts import (
+    BlueprintIR,
+    BlueprintStatus,
+    CompilationRequest,
+    CompiledKernelArtifact,
+    CompileSettings,
+    KernelReady,
+    KernelStatus,
+    parse,
+)
+from cambium.morph.ir import BlueprintError, CompiledIRModule, build_module
+from cambium.morph.oona import InProcessBus
+from cambium.morph.urabrask import benchmark
+from cambium.morph.urza import ArtifactError, Urza
+
+__all__ = ["PAYLOAD_FORMAT", "Tezzeret", "compile_module", "load_kernel", "serialize"]
+
+PAYLOAD_FORMAT = "cambium.morph.kernel/1"
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def compile_module(ir: BlueprintIR, settings: CompileSettings) -> nn.Module:
+    kwargs: dict[str, Any] = {
+        "seed": settings.init_seed, "dtype": _DTYPES[settings.dtype], "zero_init_output": settings.zero_init_output
+    }
+    if settings.backend == "codegen":
+        return CompiledIRModule(ir, **kwargs)
+    return build_module(ir, seed=settings.init_seed, dtype=_DTYPES[settings.dtype],
+                        zero_init_output=settings.zero_init_output)
+
+
+def serialize(ir: BlueprintIR, settings: CompileSettings, module: nn.Module) -> bytes:
+    buf = io.BytesIO()
+    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    torch.save(
+        {"format": PAYLOAD_FORMAT, "ir": ir.model_dump_json(), "settings": settings.model_dump_json(), "state": state},
+        buf,
+    )
+    return buf.getvalue()
+
+
+def load_kernel(payload: bytes, record: CompiledKernelArtifact) -> nn.Module:
+    """Rebuild the kernel from verified payload bytes; raise ArtifactError if they do not match `record`."""
+    try:
+        data = torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception as exc:
+        raise ArtifactError(f"kernel {record.artifact_id[:12]}... is not a readable payload: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != PAYLOAD_FORMAT:
+        raise ArtifactError(f"kernel {record.artifact_id[:12]}... is not a {PAYLOAD_FORMAT} payload")
+    ir = parse(BlueprintIR, data["ir"])
+    if ir.ir_hash() != record.ir_hash:
+        raise ArtifactError(f"kernel {record.artifact_id[:12]}... holds IR {ir.ir_hash()[:12]}..., record says "
+                            f"{record.ir_hash[:12]}...")
+    module = compile_module(ir, parse(CompileSettings, data["settings"]))
+    module.load_state_dict(data["state"])
+    return module
+
+
+class Tezzeret:
+    """The background compiler."""
+
+    def __init__(
+        self, urza: Urza, bus: InProcessBus | None = None, *, device: str = "cpu", benchmark_batch: int = 8,
+        benchmark_repeats: int = 5, on_start: Callable[[CompilationRequest], None] | None = None,
+    ) -> None:
+        self.urza = urza
+        self.bus = bus
+        self.device = device
+        self.benchmark_batch = benchmark_batch
+        self.benchmark_repeats = benchmark_repeats
+        self.on_start = on_start
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tezzeret")
+        self._idle = threading.Condition()
+        self._in_flight = 0
+        self.compiled = 0
+        self.failed = 0
+        if bus is not None:
+            bus.subscribe("compilation.blueprint.submitted", self._on_request)
+
+    @property
+    def in_flight(self) -> int:
+        with self._idle:
+            return self._in_flight
+
+    def _on_request(self, request: CompilationRequest) -> None:
+        self.submit(request)
+
+    def submit(self, request: CompilationRequest) -> Future[KernelReady]:
+        """Queue a compilation; returns immediately."""
+        with self._idle:
+            self._in_flight += 1
+        return self._pool.submit(self._run, request)
+
+    def _run(self, request: CompilationRequest) -> KernelReady:
+        try:
+            try:
+                if self.on_start is not None:
+                    self.on_start(request)
+                artifact = self.compile(request.blueprint_id, request.settings)
+                ready = KernelReady(
+                    request_id=request.request_id, blueprint_id=request.blueprint_id, status=KernelStatus.READY,
+                    artifact=artifact,
+                )
+                self.compiled += 1
+            except Exception as exc:  # reported on the bus; the training loop decides what to do
+                self.failed += 1
+                ready = KernelReady(
+                    request_id=request.request_id, blueprint_id=request.blueprint_id, status=KernelStatus.FAILED,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+            if self.bus is not None:
+                self.bus.publish("compilation.kernel.ready", ready)
+            return ready
+        finally:
+            # Only after publishing, so wait_idle() returning means every outcome is on the bus.
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until no compilation is queued or running (used at epoch boundaries only). False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
+    def compile(self, blueprint_id: str, settings: CompileSettings) -> CompiledKernelArtifact:
+        """Compile synchronously (the worker's body); reuses a stored kernel with the same IR and settings."""
+        bp = self.urza.blueprint(blueprint_id)
+        for art in self.urza.meta.list_artifacts():
+            if art.ir_hash == bp.blueprint_id and art.settings == settings and art.device == self.device:
+                return art
+        try:
+            module = compile_module(bp.ir, settings)
+        except BlueprintError:
+            self.urza.set_status(blueprint_id, BlueprintStatus.REJECTED)
+            raise
+        bench = benchmark(module, bp.ir, self.benchmark_batch, self.benchmark_repeats)
+        payload = serialize(bp.ir, settings, module)
+        record = CompiledKernelArtifact(
+            artifact_id=hashlib.sha256(payload).hexdigest(), blueprint_id=bp.blueprint_id, ir_hash=bp.blueprint_id,
+            device=self.device, settings=settings, payload_bytes=len(payload), param_count=bench.param_count,
+            state_bytes=bench.state_bytes, activation_bytes=bench.activation_bytes, latency_ms=bench.latency_ms,
+            benchmark_batch=self.benchmark_batch, tags=bench.tags, status=KernelStatus.READY, created_at=time.time(),
+        )
+        self.urza.store_kernel(payload, record)
+        if bp.status == BlueprintStatus.PROPOSED:
+            self.urza.set_status(blueprint_id, BlueprintStatus.VALIDATED)
+        return record
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

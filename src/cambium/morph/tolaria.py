@@ -1,0 +1,169 @@
+"""Tolaria, the trainer: the epoch loop that hosts morphogenesis around any model, loss and data.
+
+`assemble(host, cfg)` wires the services — the wrapped model (seed slots), Kasmina, Tamiyo's heuristic policy,
+Tezzeret's background compiler, the Urza library and the in-process Oona bus — and `Tolaria` runs epochs:
+
+    step:     loss → Kasmina.observe_loss (anomaly: the epoch ends here) → backward → host optimizer step (unless
+              the host is frozen) → Kasmina.after_backward (seed updates, alpha ramp)
+    boundary: wait for compiles in flight (if `await_compiles`) → Kasmina.close_epoch (transitions, gates, rollback,
+              telemetry on telemetry.seed.health) → system.events.epoch → Tamiyo decides → commands on
+              control.kasmina.commands → Kasmina executes them → fossilized parameters join the host optimizer.
+
+This module knows nothing of run directories or metrics files: `cambium.morph.train` adds those for the CLI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cambium.morph.cache import KernelCache
+from cambium.morph.config import MorphConfig
+from cambium.morph.contracts import (
+    AdaptationSignal,
+    CommandKind,
+    CompilationRequest,
+    CompileSettings,
+    EpochEvent,
+    HealthSignal,
+    KasminaCommand,
+)
+from cambium.morph.ir import BlueprintError
+from cambium.morph.kasmina import Kasmina
+from cambium.morph.oona import InProcessBus
+from cambium.morph.tamiyo import HeuristicPolicy, Policy
+from cambium.morph.tezzeret import Tezzeret
+from cambium.morph.urza import Urza
+from cambium.morph.wrap import MorphedModel, wrap
+
+__all__ = ["EpochResult", "Morphogenesis", "Tolaria", "assemble"]
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Morphogenesis:
+    """The wired services of one morphogenetic model."""
+
+    model: MorphedModel
+    kasmina: Kasmina
+    policy: Policy
+    tezzeret: Tezzeret
+    urza: Urza
+    bus: InProcessBus
+
+    def close(self) -> None:
+        self.tezzeret.close()
+
+
+def assemble(
+    host: nn.Module, cfg: MorphConfig, *, urza_root: str | Path | None = None,
+    on_compile_start: Callable[[CompilationRequest], None] | None = None,
+) -> Morphogenesis:
+    model = wrap(host, cfg.seeds)
+    bus = InProcessBus()
+    urza = Urza.local(urza_root if urza_root is not None else cfg.library.root)
+    tezzeret = Tezzeret(
+        urza, bus, benchmark_batch=cfg.library.benchmark_batch, benchmark_repeats=cfg.library.benchmark_repeats,
+        on_start=on_compile_start,
+    )
+    kasmina = Kasmina(
+        model, cfg.lifecycle, urza, bus, cache=KernelCache(cfg.library.cache_bytes),
+        settings=CompileSettings(backend=cfg.library.backend, init_seed=cfg.train.seed),
+    )
+    policy = HeuristicPolicy(cfg.policy, cfg.lifecycle.max_adaptations_per_epoch)
+    return Morphogenesis(model, kasmina, policy, tezzeret, urza, bus)
+
+
+@dataclass
+class EpochResult:
+    mean_loss: float
+    steps: int
+    anomaly: str | None
+    seconds: float
+    health: list[HealthSignal] = field(default_factory=list)
+    decisions: list[AdaptationSignal] = field(default_factory=list)
+
+
+class Tolaria:
+    """Epoch loop over a Morphogenesis: `train_epoch(batches)` then `end_epoch(epoch, val_fn)`."""
+
+    def __init__(
+        self, morph: Morphogenesis, optimizer: torch.optim.Optimizer,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *, await_compiles: bool = True,
+    ) -> None:
+        self.m = morph
+        self.optimizer = optimizer
+        self.loss_fn = loss_fn
+        self.await_compiles = await_compiles
+        self.step = 0
+        self._commands = 0
+        morph.kasmina.register_state("host_optimizer", optimizer)
+
+    def train_epoch(self, batches: Iterable[Batch], on_step: Callable[[int, float], None] | None = None
+                    ) -> EpochResult:
+        k = self.m.kasmina
+        k.begin_epoch()
+        frozen = k.host_frozen()
+        total, steps, t0 = 0.0, 0, time.perf_counter()
+        for x, y in batches:
+            loss = self.loss_fn(self.m.model(x), y)
+            value = float(loss.detach())
+            if k.observe_loss(value):
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            if loss.requires_grad:  # not the case with a frozen host whose only seed kernel just failed
+                loss.backward()
+            if not frozen:
+                self.optimizer.step()
+            k.after_backward()
+            self.step += 1
+            steps += 1
+            total += value
+            if on_step is not None:
+                on_step(self.step, value)
+        return EpochResult(total / max(steps, 1), steps, k.anomaly, time.perf_counter() - t0)
+
+    def end_epoch(self, epoch: int, result: EpochResult, val_fn: Callable[[], float]) -> EpochResult:
+        """The boundary after epoch `epoch` (0-based): transitions, then new decisions."""
+        k, bus = self.m.kasmina, self.m.bus
+        if self.await_compiles:
+            self.m.tezzeret.wait_idle()
+        with k.boundary(epoch + 1):
+            result.health = k.close_epoch(val_fn)
+            packet = k.packet(self.step, result.mean_loss, result.health)
+            bus.publish(
+                "system.events.epoch",
+                EpochEvent(epoch=epoch, step=self.step, train_loss=result.mean_loss, seeds=packet.seeds),
+            )
+            result.decisions = self.m.policy.decide(packet)
+            shapes = {s.seed_id: s.shape for s in packet.seeds}
+            for signal in result.decisions:
+                assert signal.seed_id is not None and signal.blueprint_name is not None
+                try:
+                    bp = self.m.urza.template(signal.blueprint_name, shapes[signal.seed_id])
+                except BlueprintError:
+                    k.skipped["blueprint"] += 1
+                    continue
+                self._commands += 1
+                bus.publish(
+                    "control.kasmina.commands",
+                    KasminaCommand(
+                        command_id=f"cmd-{self._commands}", kind=CommandKind.GERMINATE, seed_id=signal.seed_id,
+                        blueprint_id=bp.blueprint_id, health=_health_of(result.health, signal.seed_id),
+                        epoch=epoch + 1,
+                    ),
+                )
+            k.execute_commands()
+        for group in k.take_new_host_params():
+            self.optimizer.add_param_group({"params": group})
+        return result
+
+
+def _health_of(health: list[HealthSignal], seed_id: str) -> float:
+    return next((h.health_score for h in health if h.seed_id == seed_id), 0.0)

@@ -1,0 +1,437 @@
+"""Fine-grained mixture-of-experts layer (DeepSeek-V3 style): router, dispatch, grouped expert compute, combine.
+
+Legend: N tokens (B·T flattened), D model width, E routed experts, K experts per token, H expert hidden width,
+S = N·K routed (token, slot) rows.
+
+The routed path is three separate steps so that the middle one can later run on other ranks (expert parallel):
+  1. `plan_dispatch` + `dispatch`: sort the S rows by expert → `[S, D]` plus per-expert counts `[E]`;
+  2. `expert_compute`: SwiGLU per expert over contiguous row groups (grouped matmul or padded batched matmul);
+  3. `combine`: unsort and sum each token's K outputs weighted by its gate weights (gate gradients flow here).
+`moe_reference` is the per-expert loop (mask, gather, compute, index_add) that every backend is tested against.
+
+Router controls: selection uses scores + a per-expert bias that only steers which experts are chosen (aux-loss-free
+balancing, updated outside autograd by `MoE.update_bias` after each optimiser step); gate weights use the unbiased
+scores, renormalised over the chosen K and multiplied by `route_scale`. Optional losses: DeepSeek's sequence-wise
+balance loss α·Σ_i f_i·P_i and the router z-loss mean(logsumexp(logits)²).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cambium.core.errors import ConfigError, DeviceError
+from cambium.nn.lowp import LowPrecision, fake_quantize
+from cambium.nn.mlp import SwiGLU
+
+__all__ = [
+    "Backend",
+    "DispatchPlan",
+    "MoE",
+    "MoEAux",
+    "Router",
+    "RouterOutput",
+    "balance_stats",
+    "bias_gamma",
+    "combine",
+    "dispatch",
+    "expert_compute",
+    "grouped_mm_unsupported_reason",
+    "moe_reference",
+    "plan_dispatch",
+    "resolve_backend",
+]
+
+Backend = Literal["auto", "grouped_mm", "padded_bmm", "loop"]
+ScoreFunc = Literal["sigmoid", "softmax"]
+
+
+@dataclass(frozen=True)
+class RouterOutput:
+    """weights `[N, K]` (fp32, renormalised and scaled), indices `[N, K]` int64, scores and logits `[N, E]` fp32."""
+
+    weights: torch.Tensor
+    indices: torch.Tensor
+    scores: torch.Tensor
+    logits: torch.Tensor
+
+
+class Router(nn.Module):
+    """Top-K router with optional group-limited selection and a selection-only balancing bias `[E]`.
+
+    With `n_groups > 1` the E experts form equal groups; a group's score is the sum of its two best biased scores
+    and each token picks among the experts of its `topk_groups` best groups only (DeepSeek-V3 node-limited routing).
+    """
+
+    bias: torch.Tensor
+
+    def __init__(
+        self,
+        dim: int,
+        n_experts: int,
+        top_k: int,
+        *,
+        score_func: ScoreFunc = "sigmoid",
+        route_scale: float = 1.0,
+        n_groups: int = 1,
+        topk_groups: int = 1,
+    ) -> None:
+        super().__init__()
+        if not 1 <= top_k <= n_experts:
+            raise ConfigError(f"top_k={top_k} must be in [1, n_routed_experts={n_experts}]")
+        if n_experts % n_groups != 0:
+            raise ConfigError(f"n_routed_experts={n_experts} must be divisible by n_groups={n_groups}")
+        if not 1 <= topk_groups <= n_groups:
+            raise ConfigError(f"topk_groups={topk_groups} must be in [1, n_groups={n_groups}]")
+        if topk_groups * (n_experts // n_groups) < top_k:
+            raise ConfigError(
+                f"topk_groups={topk_groups} groups of {n_experts // n_groups} experts cannot hold top_k={top_k}"
+            )
+        self.n_experts, self.top_k, self.score_func, self.route_scale = n_experts, top_k, score_func, route_scale
+        self.n_groups, self.topk_groups = n_groups, topk_groups
+        self.weight = nn.Parameter(torch.empty(n_experts, dim))
+        nn.init.normal_(self.weight, std=dim**-0.5)
+        # A buffer, not a parameter: it is checkpointed but never touched by the optimiser or by gradients.
+        self.register_buffer("bias", torch.zeros(n_experts))
+
+    def forward(self, x: torch.Tensor) -> RouterOutput:
+        """x `[N, D]` → RouterOutput. Runs in fp32 even under autocast: top-K on bf16 scores is full of ties."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+            scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)
+            with torch.no_grad():
+                choice = scores + self.bias
+                if self.n_groups > 1:
+                    grouped = choice.view(-1, self.n_groups, self.n_experts // self.n_groups)
+                    group_score = grouped.topk(min(2, grouped.shape[-1]), dim=-1).values.sum(-1)
+                    keep = group_score.topk(self.topk_groups, dim=-1).indices
+                    group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+                    choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+                indices = choice.topk(self.top_k, dim=-1).indices
+            weights = scores.gather(1, indices)
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20) * self.route_scale
+        return RouterOutput(weights, indices, scores, logits)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float, clamp: float) -> None:
+        """bias += γ·sign(mean(load) − load_i), then centred (mean 0) and clamped to [−clamp, clamp].
+
+        `load` `[E]` counts the tokens routed to each expert during the step (summed over micro-batches and ranks).
+        """
+        load = load.to(self.bias.device, torch.float32)
+        new = self.bias + gamma * torch.sign(load.mean() - load)
+        self.bias.copy_((new - new.mean()).clamp(-clamp, clamp))
+
+
+def bias_gamma(step: int, total_steps: int, gamma: float, freeze_fraction: float) -> float:
+    """The bias update rate γ at `step`: `gamma` until `freeze_fraction` of the run, then 0 (frozen routing)."""
+    return gamma if step < freeze_fraction * total_steps else 0.0
+
+
+@dataclass(frozen=True)
+class DispatchPlan:
+    """How the S = N·K (token, slot) rows are ordered by expert.
+
+    order `[S]`: flat slot ids (token·K + k) sorted by expert (stable); token_index `[S]`: the token of each sorted row;
+    inverse `[S]`: position of each flat slot id in the sorted order; counts `[E]` int64: rows per expert.
+    """
+
+    order: torch.Tensor
+    token_index: torch.Tensor
+    inverse: torch.Tensor
+    counts: torch.Tensor
+    top_k: int
+
+
+def plan_dispatch(indices: torch.Tensor, n_experts: int) -> DispatchPlan:
+    """indices `[N, K]` → the sort of the N·K rows by expert."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=n_experts)
+    return DispatchPlan(order, order // indices.shape[1], inverse, counts, indices.shape[1])
+
+
+def _take(x: torch.Tensor, index: torch.Tensor, zero_row: bool) -> torch.Tensor:
+    """x[index] along dim 0; with `zero_row`, index == len(x) selects a row of zeros."""
+    if zero_row:
+        x = torch.cat((x, x.new_zeros(1, *x.shape[1:])))
+    return x.index_select(0, index)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out = x[index] with a gather-only backward: grad_x[r] = Σ_j grad_out[back[r·k + j]].
+
+    The caller guarantees that `back` lists, for every row r of x, the k positions of out that copy it (or the
+    sentinel len(out) for "none", with `back_zero_row`). index_select's own backward is a scatter-add, which on
+    CPU runs several times slower than this gather.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx,
+        x: torch.Tensor, index: torch.Tensor, back: torch.Tensor, k: int, zero_row: bool, back_zero_row: bool,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(back)
+        ctx.k, ctx.n, ctx.back_zero_row = k, x.shape[0], back_zero_row  # type: ignore[attr-defined]
+        return _take(x, index, zero_row)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (back,) = ctx.saved_tensors  # type: ignore[attr-defined]
+        g = _take(grad.contiguous(), back, ctx.back_zero_row)  # type: ignore[attr-defined]
+        if ctx.k > 1:  # type: ignore[attr-defined]
+            g = g.view(ctx.n, ctx.k, *grad.shape[1:]).sum(1)  # type: ignore[attr-defined]
+        return g, None, None, None, None, None
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: grouped_mm's backward rejects the
+    stride-0 gradients that e.g. `y.sum().backward()` produces."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def dispatch(x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """x `[N, D]` → rows sorted by expert `[S, D]` (each token repeated once per chosen expert)."""
+    out: torch.Tensor = _GatherRows.apply(x, plan.token_index, plan.inverse, plan.top_k, False, False)
+    return out
+
+
+def combine(y_sorted: torch.Tensor, weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """Expert outputs `[S, D]` in sorted order and gate weights `[N, K]` → `[N, D]` = Σ_k w[n, k]·y[n, k]."""
+    n, k = weights.shape
+    y: torch.Tensor = _GatherRows.apply(y_sorted, plan.inverse, plan.order, 1, False, False)
+    return torch.bmm(weights[:, None, :].to(y.dtype), y.view(n, k, -1)).squeeze(1)
+
+
+_GROUPED_MM_PROBE: dict[tuple[str, int | None, torch.dtype], str | None] = {}
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
+    return fn(a, b, offs=offs)
+
+
+def grouped_mm_unsupported_reason(device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> str | None:
+    """None when the running torch can do a grouped matmul (with backward) on `device` in `dtype`; else why not.
+
+    Probes a tiny forward+backward once per (device, dtype): support differs by torch version, device and GPU
+    generation, and the only reliable test is to try. Every matrix width must also be a multiple of 16 bytes.
+    """
+    if not hasattr(torch, "_grouped_mm") and not hasattr(F, "grouped_mm"):
+        return f"torch {torch.__version__} has no grouped_mm"
+    align = 16 // torch.empty((), dtype=dtype).element_size()
+    bad = [w for w in widths if w % align]
+    if bad:
+        return f"widths {bad} are not multiples of {align} elements (16 bytes in {dtype})"
+    key = (device.type, device.index, dtype)
+    if key not in _GROUPED_MM_PROBE:
+        try:
+            a = torch.randn(8, align, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(2, align, align, device=device, dtype=dtype, requires_grad=True)
+            out = _grouped_mm(a, b, torch.tensor([3, 8], device=device, dtype=torch.int32))
+            out.backward(torch.randn_like(out))
+            _GROUPED_MM_PROBE[key] = None
+        except (RuntimeError, NotImplementedError) as exc:
+            _GROUPED_MM_PROBE[key] = f"grouped_mm failed on {device} in {dtype}: {str(exc).splitlines()[0]}"
+    return _GROUPED_MM_PROBE[key]
+
+
+def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> Backend:
+    """The concrete backend for `backend` on this device. "auto" takes grouped_mm on accelerators that support it
+    and the padded batched matmul elsewhere (on CPU, torch's grouped_mm is a slow per-group loop: see docs/moe.md).
+    Asking for grouped_mm where it cannot run is a DeviceError, never a silent fallback."""
+    if backend == "auto":
+        if device.type != "cpu" and grouped_mm_unsupported_reason(device, dtype, widths) is None:
+            return "grouped_mm"
+        return "padded_bmm"
+    if backend == "grouped_mm":
+        reason = grouped_mm_unsupported_reason(device, dtype, widths)
+        if reason is not None:
+            raise DeviceError(f"expert backend 'grouped_mm' unavailable: {reason}; use 'padded_bmm' or 'auto'")
+    return backend
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def expert_compute(
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    backend: Literal["grouped_mm", "padded_bmm"],
+    lowp: LowPrecision | None = None,
+) -> torch.Tensor:
+    """SwiGLU of each row with its expert's weights. x_sorted `[S, D]` grouped by expert with `counts` `[E]`;
+    w13 `[E, D, 2H]` (gate columns then up columns), w2 `[E, H, D]`. Returns `[S, D]` in the same order.
+
+    padded_bmm copies the rows into `[E, C, D]` with C = max count (dropless: C grows with the busiest expert, so
+    memory is E·C·D, at worst E·S·D when every row picks one expert).
+    """
+    if lowp is not None:
+        x_sorted, w13 = fake_quantize(x_sorted, lowp, dim=-1), fake_quantize(w13, lowp, dim=1)
+        w2 = fake_quantize(w2, lowp, dim=1)
+    if backend == "grouped_mm":
+        # grouped_mm is not on autocast's list: cast by hand so it computes in the autocast dtype like bmm would.
+        device_type = x_sorted.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x_sorted.dtype
+        offs = counts.cumsum(0).to(torch.int32)
+        h = _swiglu(_ContiguousGrad.apply(_grouped_mm(x_sorted.to(dtype), w13.to(dtype), offs)))
+        if lowp is not None:
+            h = fake_quantize(h, lowp, dim=-1)
+        out: torch.Tensor = _ContiguousGrad.apply(_grouped_mm(h, w2.to(dtype), offs))
+        return out
+    n_experts, s = counts.shape[0], x_sorted.shape[0]
+    cap = int(counts.max())
+    starts = counts.cumsum(0) - counts
+    expert_of_row = torch.repeat_interleave(torch.arange(n_experts, device=counts.device), counts, output_size=s)
+    slot = expert_of_row * cap + torch.arange(s, device=counts.device) - starts[expert_of_row]
+    # source row of each padded slot; s (one past the end) marks padding and reads a zero row.
+    source = torch.full((n_experts * cap,), s, dtype=torch.long, device=counts.device)
+    source[slot] = torch.arange(s, device=counts.device)
+    padded: torch.Tensor = _GatherRows.apply(x_sorted, source, slot, 1, True, False)
+    h = _swiglu(torch.bmm(padded.view(n_experts, cap, -1), w13))
+    if lowp is not None:
+        h = fake_quantize(h, lowp, dim=-1)
+    out = torch.bmm(h, w2).view(n_experts * cap, -1)
+    rows: torch.Tensor = _GatherRows.apply(out, slot, source, 1, False, True)
+    return rows
+
+
+def moe_reference(x: torch.Tensor, routing: RouterOutput, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """Per-expert loop (the HF DeepseekV3/Mixtral pattern): for each expert, find its (token, slot) pairs, run the
+    expert on those tokens and add the weighted result. x `[N, D]` → `[N, D]`."""
+    out = torch.zeros_like(x)
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(routing.indices == e)
+        if token.numel() == 0:
+            continue
+        y = _swiglu(x[token] @ w13[e]) @ w2[e]
+        out = out.index_add(0, token, y * routing.weights[token, slot, None].to(y.dtype))
+    return out
+
+
+@dataclass(frozen=True)
+class MoEAux:
+    """What one MoE forward reports besides its output.
+
+    loss: scalar, the weighted balance + z losses (0 when both coefficients are 0), part of the training loss;
+    load: `[E]` int64 rows routed to each expert (for the bias update and statistics);
+    entropy: scalar, mean over tokens of the entropy (nats) of the normalised router scores (detached).
+    """
+
+    loss: torch.Tensor
+    load: torch.Tensor
+    entropy: torch.Tensor
+
+
+class MoE(nn.Module):
+    """Shared experts + routed fine-grained SwiGLU experts. `[B, T, D]` → (`[B, T, D]`, MoEAux).
+
+    The shared experts are one SwiGLU of width `n_shared_experts · expert_hidden` that every token passes through.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_routed_experts: int,
+        top_k: int,
+        expert_hidden: int,
+        *,
+        n_shared_experts: int = 0,
+        score_func: ScoreFunc = "sigmoid",
+        route_scale: float = 1.0,
+        n_groups: int = 1,
+        topk_groups: int = 1,
+        seq_aux_coef: float = 0.0,
+        z_loss_coef: float = 0.0,
+        bias_clamp: float = 1.0,
+        backend: Backend = "auto",
+        lowp: LowPrecision | None = None,
+    ) -> None:
+        super().__init__()
+        self.router = Router(
+            dim, n_routed_experts, top_k, score_func=score_func, route_scale=route_scale,
+            n_groups=n_groups, topk_groups=topk_groups,
+        )
+        self.n_experts, self.top_k, self.expert_hidden = n_routed_experts, top_k, expert_hidden
+        self.w13 = nn.Parameter(torch.empty(n_routed_experts, dim, 2 * expert_hidden))
+        self.w2 = nn.Parameter(torch.empty(n_routed_experts, expert_hidden, dim))
+        nn.init.normal_(self.w13, std=dim**-0.5)
+        nn.init.normal_(self.w2, std=expert_hidden**-0.5)
+        self.shared = SwiGLU(dim, n_shared_experts * expert_hidden) if n_shared_experts > 0 else None
+        self.seq_aux_coef, self.z_loss_coef, self.bias_clamp = seq_aux_coef, z_loss_coef, bias_clamp
+        self.backend: Backend = backend
+        self.lowp = lowp
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
+        b, t, d = x.shape
+        flat = x.reshape(b * t, d)
+        routing = self.router(flat)
+        backend = resolve_backend(self.backend, x.device, x.dtype, (d, self.expert_hidden, 2 * self.expert_hidden))
+        plan = plan_dispatch(routing.indices, self.n_experts)
+        if backend == "loop":
+            routed = moe_reference(flat, routing, self.w13, self.w2)
+        else:
+            assert backend != "auto"
+            y_sorted = expert_compute(dispatch(flat, plan), plan.counts, self.w13, self.w2, backend, self.lowp)
+            routed = combine(y_sorted, routing.weights, plan)
+        out = routed.view(b, t, d)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        return out, self._aux(routing, plan.counts, b, t)
+
+    def _aux(self, routing: RouterOutput, load: torch.Tensor, b: int, t: int) -> MoEAux:
+        probs = routing.scores / routing.scores.sum(-1, keepdim=True)
+        loss = routing.scores.new_zeros(())
+        if self.seq_aux_coef > 0:
+            # f_i = E/(K·T) · (times expert i is chosen in the sequence), P_i = mean over the sequence of probs_i.
+            chosen = torch.zeros(b, self.n_experts, device=load.device)
+            chosen.scatter_add_(1, routing.indices.view(b, t * self.top_k), torch.ones(b, t * self.top_k,
+                                                                                        device=load.device))
+            f = chosen * self.n_experts / (self.top_k * t)
+            p = probs.view(b, t, self.n_experts).mean(1)
+            loss = loss + self.seq_aux_coef * (f * p).sum(-1).mean()
+        if self.z_loss_coef > 0:
+            loss = loss + self.z_loss_coef * torch.logsumexp(routing.logits, dim=-1).pow(2).mean()
+        with torch.no_grad():
+            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1).mean()
+        return MoEAux(loss, load.detach(), entropy)
+
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """Apply the aux-loss-free balancing step from this step's `load` `[E]` (see Router.update_bias)."""
+        self.router.update_bias(load, gamma, self.bias_clamp)
+
+
+def balance_stats(
+    load: torch.Tensor, entropy: torch.Tensor | float | None = None, bias: torch.Tensor | None = None
+) -> dict[str, float | list[float]]:
+    """Per-layer balance statistics from a load vector `[E]`: the load histogram (fractions), max/mean imbalance,
+    the number of dead experts (no tokens), and, when given, the router entropy and the selection biases `[E]`."""
+    load = load.detach().double().cpu()
+    total = float(load.sum())
+    stats: dict[str, float | list[float]] = {
+        "load_fraction": (load / total).tolist() if total > 0 else [0.0] * load.numel(),
+        "max_over_mean": float(load.max() / load.mean()) if total > 0 else 0.0,
+        "dead_experts": float((load == 0).sum()),
+    }
+    if entropy is not None:
+        stats["router_entropy"] = float(entropy)
+    if bias is not None:
+        stats["bias"] = bias.detach().float().cpu().tolist()
+    return stats

@@ -1,0 +1,289 @@
+"""Config models of the screener; `CONFIG_MODEL` is the root loaded from configs/screener/*.toml.
+
+Every field has a description (it doubles as help text). Defaults are the documented ones (docs/screener.md);
+the shipped configs/screener/default.toml spells all of them out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cambium.core.config import ConfigModel
+
+__all__ = [
+    "CONFIG_MODEL",
+    "BaselineConfig",
+    "ExplainConfig",
+    "ModelConfig",
+    "NotifyConfig",
+    "RankerConfig",
+    "ScorerConfig",
+    "ScreenerConfig",
+    "SenderConfig",
+    "StatusConfig",
+    "StorageConfig",
+    "TelegramConfig",
+    "TerminalConfig",
+    "WebhookConfig",
+]
+
+
+class ScorerConfig(ConfigModel):
+    """score = (w_30s·p30 + w_2m·p2m + w_5m·p5m) × clamp(utility, 0, cap)/cap × (1 − toxic_penalty·p_toxic)."""
+
+    w_30s: float = Field(0.2, ge=0.0, le=1.0, description="Weight of p_inplay_30s in the score.")
+    w_2m: float = Field(0.5, ge=0.0, le=1.0, description="Weight of p_inplay_2m in the score.")
+    w_5m: float = Field(0.3, ge=0.0, le=1.0, description="Weight of p_inplay_5m in the score.")
+    utility_cap_bps: float = Field(
+        50.0, gt=0.0, description="Expected 2 m utility (bps) at which the utility factor saturates at 1."
+    )
+    toxic_penalty: float = Field(
+        0.5, ge=0.0, le=1.0, description="How much p_toxic discounts the score: factor (1 − toxic_penalty·p_toxic)."
+    )
+    profile: Literal["A", "B"] = Field(
+        "B", description="Cost profile whose predictions are ranked: A maker-ish (2 bps fees), B taker-ish (4 bps)."
+    )
+
+    @model_validator(mode="after")
+    def _weights_sum_to_one(self) -> ScorerConfig:
+        total = self.w_30s + self.w_2m + self.w_5m
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(
+                f"w_30s={self.w_30s} + w_2m={self.w_2m} + w_5m={self.w_5m} = {total} must be 1 "
+                "(so that the score stays in [0, 1])"
+            )
+        return self
+
+
+class StatusConfig(ConfigModel):
+    """Status rules, checked in order: DATA_ISSUE, TRAP, TRADEABLE, DEAD, else WATCH."""
+
+    max_stale_book_ms: int = Field(5_000, ge=0, description="Book older than this (ms) makes the symbol DATA_ISSUE.")
+    max_stale_trades_ms: int = Field(
+        120_000, ge=0, description="No trade for longer than this (ms) makes the symbol DATA_ISSUE."
+    )
+    trap_min_toxic: float = Field(
+        0.6, ge=0.0, le=1.0, description="p_toxic at or above this, with a move likely, makes the symbol a TRAP."
+    )
+    trap_min_p2m: float = Field(
+        0.3, ge=0.0, le=1.0, description="p_inplay_2m at or above this counts as 'a move is likely' for TRAP."
+    )
+    tradeable_min_score: float = Field(0.3, ge=0.0, le=1.0, description="Minimum score for TRADEABLE.")
+    tradeable_max_toxic: float = Field(
+        0.35, ge=0.0, le=1.0, description="Toxicity gate: TRADEABLE needs p_toxic below this."
+    )
+    tradeable_min_utility_bps: float = Field(
+        5.0, ge=0.0, description="TRADEABLE needs expected_utility_bps_2m at or above this."
+    )
+    dead_max_score: float = Field(0.02, ge=0.0, le=1.0, description="Score below this (and not TRAP) is DEAD.")
+
+    @model_validator(mode="after")
+    def _gates_consistent(self) -> StatusConfig:
+        if self.tradeable_max_toxic > self.trap_min_toxic:
+            raise ValueError(
+                f"tradeable_max_toxic={self.tradeable_max_toxic} must be <= trap_min_toxic={self.trap_min_toxic}"
+            )
+        if self.dead_max_score > self.tradeable_min_score:
+            raise ValueError(
+                f"dead_max_score={self.dead_max_score} must be <= tradeable_min_score={self.tradeable_min_score}"
+            )
+        return self
+
+
+class RankerConfig(ConfigModel):
+    """Top-K list with hysteresis, confirmation times and a minimum dwell."""
+
+    top_k: int = Field(20, ge=1, le=1000, description="Maximum number of listed symbols.")
+    enter_threshold: float = Field(0.25, ge=0.0, le=1.0, description="Score a symbol must hold to enter the list.")
+    exit_threshold: float = Field(
+        0.15, ge=0.0, le=1.0, description="A listed symbol leaves once its score stays below this."
+    )
+    enter_confirm_ms: int = Field(
+        2_000, ge=0, description="The score must stay >= enter_threshold this long (ms) before the symbol enters."
+    )
+    exit_confirm_ms: int = Field(
+        5_000, ge=0, description="The score must stay < exit_threshold this long (ms) before the symbol leaves."
+    )
+    min_dwell_ms: int = Field(30_000, ge=0, description="A symbol stays listed at least this long (ms) after entering.")
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> RankerConfig:
+        if not self.enter_threshold > self.exit_threshold:
+            raise ValueError(
+                f"enter_threshold={self.enter_threshold} must be > exit_threshold={self.exit_threshold} "
+                "(the gap between them is the hysteresis band)"
+            )
+        return self
+
+
+class BaselineConfig(ConfigModel):
+    """Parameters of the heuristic baseline model (used when no trained artifacts exist)."""
+
+    fee_bps_a: float = Field(2.0, ge=0.0, description="Round-trip fees of profile A (maker-ish), bps.")
+    fee_bps_b: float = Field(4.0, ge=0.0, description="Round-trip fees of profile B (taker-ish), bps.")
+    target_bps_a: tuple[float, float, float] = Field(
+        (5.0, 10.0, 15.0), description="Net move (bps) that counts as in-play for profile A at 30 s, 2 m, 5 m."
+    )
+    target_bps_b: tuple[float, float, float] = Field(
+        (8.0, 15.0, 20.0), description="Net move (bps) that counts as in-play for profile B at 30 s, 2 m, 5 m."
+    )
+    flow_drift: float = Field(
+        0.5, ge=0.0, description="Drift per unit flow imbalance, in units of the horizon's volatility."
+    )
+    toxic_move_bps: float = Field(10.0, gt=0.0, description="Adverse move within 30 s (bps) that counts as toxic.")
+    vol_floor_bps: float = Field(0.5, gt=0.0, description="Lower bound of the 60 s volatility used (bps), avoids 0/0.")
+    max_spread_bps: float = Field(10.0, gt=0.0, description="Label gate: wider spreads are never in play.")
+    max_impact_bps: float = Field(20.0, gt=0.0, description="Label gate: higher impact is never in play.")
+    flow_reason_min: float = Field(
+        0.3, gt=0.0, le=1.0, description="|flow imbalance| that earns a FLOW_BUY/SELL reason."
+    )
+
+
+class ModelConfig(ConfigModel):
+    """Which model produces the probabilities."""
+
+    artifacts_dir: str | None = Field(
+        None, description="Directory with a trained artifact manifest.json; unset → heuristic baseline ('baseline-v1')."
+    )
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="Heuristic baseline parameters.")
+
+
+class ExplainConfig(ConfigModel):
+    """Human explanations: a deterministic template, optionally rewritten by an LLM (off by default)."""
+
+    llm_enabled: bool = Field(False, description="Ask an OpenAI-compatible endpoint; off → template only.")
+    llm_url: str = Field(
+        "http://127.0.0.1:8000/v1/chat/completions", description="Full URL of the chat/completions endpoint."
+    )
+    llm_model: str = Field("local", description="Model name sent in the request.")
+    llm_timeout_s: float = Field(2.0, gt=0.0, description="Seconds to wait for the LLM before using the template.")
+    max_headline_chars: int = Field(80, ge=16, description="Longest allowed headline.")
+    max_subtext_chars: int = Field(280, ge=16, description="Longest allowed subtext.")
+    max_tooltip_chars: int = Field(160, ge=16, description="Longest allowed tooltip text.")
+    max_tooltips: int = Field(8, ge=0, description="Most tooltips allowed.")
+
+    @model_validator(mode="after")
+    def _http_url(self) -> ExplainConfig:
+        if not self.llm_url.startswith(("http://", "https://")):
+            raise ValueError(f"llm_url={self.llm_url!r} must be an http:// or https:// URL")
+        return self
+
+
+class SenderConfig(ConfigModel):
+    """Rate limit and queue of a background notifier."""
+
+    enabled: bool = Field(False, description="Send notifications through this channel.")
+    rate_per_s: float = Field(1.0, gt=0.0, description="Token-bucket refill rate: messages per second.")
+    burst: int = Field(5, ge=1, description="Token-bucket capacity: messages that may go out back to back.")
+    queue_size: int = Field(
+        1000, ge=1, description="Bounded queue; events offered when it is full are dropped (counted)."
+    )
+    timeout_s: float = Field(5.0, gt=0.0, description="HTTP timeout per request, seconds.")
+
+
+class WebhookConfig(SenderConfig):
+    """HTTP POST of each RankEvent as JSON."""
+
+    url: str = Field("http://127.0.0.1:9000/screener", description="Where RankEvents are POSTed.")
+
+
+class TelegramConfig(SenderConfig):
+    """Telegram bot sendMessage; the bot token comes from the environment variable named by token_env."""
+
+    api_url: str = Field("https://api.telegram.org", description="Bot API base URL (…/bot<token>/sendMessage).")
+    token_env: str = Field("CAMBIUM_TELEGRAM_TOKEN", description="Environment variable holding the bot token.")
+    chat_id: str = Field("", description="Chat to send to (required when enabled).")
+    events: tuple[Literal["SYMBOL_ENTER", "SYMBOL_EXIT", "ALERT_TRADABLE", "ALERT_TRAP", "DATA_ISSUE"], ...] = Field(
+        ("ALERT_TRADABLE", "ALERT_TRAP"), description="RankEvent kinds forwarded to Telegram."
+    )
+
+    @model_validator(mode="after")
+    def _chat_when_enabled(self) -> TelegramConfig:
+        if self.enabled and not self.chat_id:
+            raise ValueError("enabled=true needs chat_id (the Telegram chat to send to)")
+        return self
+
+
+class TerminalConfig(ConfigModel):
+    """Live terminal table of the current list (rich)."""
+
+    enabled: bool = Field(False, description="Show the live table.")
+    redraws_per_s: float = Field(4.0, gt=0.0, description="Token-bucket rate of redraws.")
+    burst: int = Field(1, ge=1, description="Redraws that may happen back to back.")
+
+
+class NotifyConfig(ConfigModel):
+    """Notification channels (all off by default)."""
+
+    terminal: TerminalConfig = Field(default_factory=TerminalConfig, description="Live terminal table.")
+    webhook: WebhookConfig = Field(default_factory=WebhookConfig, description="JSON webhook.")
+    telegram: TelegramConfig = Field(default_factory=TelegramConfig, description="Telegram bot.")
+
+
+class StorageConfig(ConfigModel):
+    """Parquet files (queryable with DuckDB) for training and audit."""
+
+    enabled: bool = Field(True, description="Write feature/prediction snapshots and rank events.")
+    root: str = Field("runs/screener/store", description="Directory receiving <kind>/part-NNNNNN.parquet files.")
+    batch_rows: int = Field(1_000, ge=1, description="Rows buffered in memory before a row group is written.")
+    rotate_rows: int = Field(200_000, ge=1, description="Rows per file before a new file is started.")
+    compression: Literal["zstd", "snappy", "none"] = Field("zstd", description="Parquet compression codec.")
+
+    @model_validator(mode="after")
+    def _rotate_after_batch(self) -> StorageConfig:
+        if self.rotate_rows < self.batch_rows:
+            raise ValueError(f"rotate_rows={self.rotate_rows} must be >= batch_rows={self.batch_rows}")
+        return self
+
+
+class FeatureConfig(ConfigModel):
+    """The feature engine: snapshot cadence, impact clip size and staleness limits (windows are 1 s/10 s/60 s/5 m)."""
+
+    cadence_ms: int = Field(1_000, ge=100, le=60_000, description="Snapshot cadence in exchange time; the windows "
+                            "(1 s, 10 s, 60 s, 5 m) must be whole multiples of it.")
+    clip_notional: float = Field(10_000.0, gt=0, description="Order size (quote) whose impact_bps is measured.")
+    stale_ms: int = Field(5_000, ge=1, description="A stream silent for longer than this makes data_health bad.")
+    max_skew_ms: int = Field(2_000, ge=0, description="How far (exchange ms) the clock waits for the slower of the "
+                             "book and trade streams, which arrive on different connections.")
+    streams: tuple[Literal["bookTicker", "trade", "depth"], ...] = Field(
+        ("bookTicker", "trade", "depth"), description="Streams each symbol is expected to deliver (missing_streams).")
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> FeatureConfig:
+        for window in (1_000, 10_000, 60_000, 300_000):
+            if window % self.cadence_ms:
+                raise ValueError(f"cadence_ms={self.cadence_ms} must divide every window (1000, 10000, 60000, 300000)")
+        return self
+
+
+class LiveConfig(ConfigModel):
+    """Live mode: which symbols and streams to subscribe to, and where the status page listens."""
+
+    symbols: tuple[str, ...] = Field(("BTCUSDT", "ETHUSDT"), min_length=1, description="USDⓈ-M symbols to watch.")
+    trade_stream: Literal["trade", "aggTrade"] = Field("aggTrade", description="Stream carrying trades.")
+    depth_stream: Literal["depth@100ms", "depth@0ms", "depth"] = Field("depth@100ms", description="Depth diffs.")
+    status_port: int = Field(0, ge=0, le=65535, description="Status page port on 127.0.0.1 (0 = any free port).")
+
+    def streams(self, kinds: tuple[str, ...]) -> list[str]:
+        """Stream names for the feature streams `kinds` (bookTicker, trade, depth) of every symbol."""
+        suffix = {"bookTicker": "bookTicker", "trade": self.trade_stream, "depth": self.depth_stream}
+        return [f"{s.lower()}@{suffix[k]}" for s in self.symbols for k in kinds]
+
+
+class ScreenerConfig(ConfigModel):
+    """Root config of the screener."""
+
+    live: LiveConfig = Field(default_factory=LiveConfig, description="Live mode subscriptions and status page.")
+    features: FeatureConfig = Field(default_factory=FeatureConfig, description="Feature engine.")
+    scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Score formula weights.")
+    status: StatusConfig = Field(default_factory=StatusConfig, description="Status rules and toxicity gates.")
+    ranker: RankerConfig = Field(default_factory=RankerConfig, description="Top-K list with hysteresis.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Model runner.")
+    explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations.")
+    notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Notifiers.")
+    storage: StorageConfig = Field(default_factory=StorageConfig, description="Parquet storage.")
+
+
+CONFIG_MODEL = ScreenerConfig

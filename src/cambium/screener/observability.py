@@ -1,0 +1,157 @@
+"""SCR-10: Prometheus metrics of the live path and a status page (FastAPI) with shard health and the current top-K.
+
+Metrics live in a registry of their own (not the process-global one), so several sessions can coexist in a process.
+Shard counters are copied from the connector's `ShardStats` each time the page or `/metrics` is read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from cambium.market.connector import ShardStats
+from cambium.screener.replay import Session
+
+__all__ = ["ScreenerMetrics", "StatusServer", "status_app"]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class ScreenerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.messages = Gauge("cambium_screener_messages_total", "Data frames received per shard", ["shard"],
+                              registry=r)
+        self.message_rate = Gauge("cambium_screener_messages_per_second", "Data frames per second per shard "
+                                  "(since the previous read)", ["shard"], registry=r)
+        self.reconnects = Gauge("cambium_screener_reconnects_total", "Reconnections per shard (connects − 1)",
+                                ["shard"], registry=r)
+        self.malformed = Gauge("cambium_screener_malformed_frames_total", "Malformed frames counted and skipped",
+                               ["shard"], registry=r)
+        self.incidents = Counter("cambium_screener_incidents_total", "Rate-limit incidents (HTTP 429 / 418)",
+                                 ["kind"], registry=r)
+        self.dropped = Gauge("cambium_screener_dropped_events_total", "Events dropped by full notifier queues",
+                             registry=r)
+        self.lag = Histogram("cambium_screener_event_lag_seconds", "Receive time minus exchange event time",
+                             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10), registry=r)
+        self.stale = Gauge("cambium_screener_stale_ms", "Time since the last update at the latest snapshot",
+                           ["symbol", "stream"], registry=r)
+        self.latency = Histogram("cambium_screener_e2e_latency_seconds", "Frame received → rank decision",
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self._recent: deque[float] = deque(maxlen=10_000)
+        self._last_frames: dict[int, tuple[int, float]] = {}
+        self._lock = threading.Lock()
+
+    def observe_event(self, recv_ns: int, event_ms: int, decided_ns: int) -> None:
+        latency = max(0.0, (decided_ns - recv_ns) / 1e9)
+        self.lag.observe(max(0.0, recv_ns / 1e9 - event_ms / 1e3))
+        self.latency.observe(latency)
+        with self._lock:
+            self._recent.append(latency)
+
+    def p95_latency_s(self) -> float | None:
+        with self._lock:
+            recent = sorted(self._recent)
+        return recent[int(0.95 * (len(recent) - 1))] if recent else None
+
+    def update_shards(self, stats: Sequence[ShardStats]) -> None:
+        now = time.monotonic()
+        for st in stats:
+            label = str(st.shard)
+            self.messages.labels(label).set(st.frames)
+            self.reconnects.labels(label).set(max(0, st.connects - 1))
+            self.malformed.labels(label).set(st.malformed)
+            prev = self._last_frames.get(st.shard)
+            if prev is not None and now > prev[1]:
+                self.message_rate.labels(label).set((st.frames - prev[0]) / (now - prev[1]))
+            self._last_frames[st.shard] = (st.frames, now)
+
+    def update_staleness(self, session: Session) -> None:
+        for symbol, snap in session.latest.items():
+            self.stale.labels(symbol, "book").set(snap.data_health.stale_book_ms)
+            self.stale.labels(symbol, "trades").set(snap.data_health.stale_trades_ms)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def status_app(session: Session, metrics: ScreenerMetrics, shards: Callable[[], Sequence[ShardStats]]) -> Any:
+    """The FastAPI app: `/` an HTML page, `/api/status` the same as JSON, `/metrics` the Prometheus text."""
+    from fastapi import FastAPI
+    from fastapi.responses import HTMLResponse, Response
+
+    app = FastAPI(title="cambium screener", docs_url=None, redoc_url=None)
+
+    def snapshot() -> dict[str, Any]:
+        stats = shards()
+        metrics.update_shards(stats)
+        metrics.update_staleness(session)
+        ranked = session.pipeline.ranker.ranked()
+        return {
+            "top": [{"rank": i + 1, "symbol": s, "score": round(score, 6)} for i, (s, score) in enumerate(ranked)],
+            "shards": [{"shard": st.shard, "endpoint": st.endpoint, "streams": st.streams, "frames": st.frames,
+                        "connects": st.connects, "malformed": st.malformed, "stale_reconnects": st.stale_reconnects}
+                       for st in stats],
+            "snapshots": session.snapshots,
+            "digest": session.digest,
+            "p95_latency_ms": None if (p := metrics.p95_latency_s()) is None else round(p * 1e3, 3),
+        }
+
+    @app.get("/api/status")
+    def api_status() -> dict[str, Any]:
+        return snapshot()
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        snapshot()
+        return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        s = snapshot()
+        top = "".join(f"<tr><td>{r['rank']}</td><td>{r['symbol']}</td><td>{r['score']:.4f}</td></tr>" for r in s["top"])
+        shard_rows = "".join(f"<tr><td>{h['shard']}</td><td>{h['endpoint']}</td><td>{h['streams']}</td>"
+                             f"<td>{h['frames']}</td><td>{h['connects']}</td><td>{h['malformed']}</td></tr>"
+                             for h in s["shards"])
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'><meta http-equiv='refresh' content='2'>"
+            "<title>cambium screener</title><style>body{font-family:sans-serif;margin:2em}td,th{padding:2px 10px}"
+            "table{border-collapse:collapse;margin-bottom:1.5em}tr:nth-child(even){background:#eee}</style></head>"
+            f"<body><h1>cambium screener</h1><p>snapshots {s['snapshots']} · p95 frame→decision "
+            f"{s['p95_latency_ms']} ms</p><h2>Top-K</h2><table id='top'><tr><th>rank</th><th>symbol</th>"
+            f"<th>score</th></tr>{top}</table><h2>Shards</h2><table id='shards'><tr><th>shard</th><th>endpoint"
+            f"</th><th>streams</th><th>frames</th><th>connects</th><th>malformed</th></tr>{shard_rows}</table>"
+            "</body></html>"
+        )
+
+    return app
+
+
+class StatusServer:
+    """uvicorn serving `status_app` on 127.0.0.1 in a background thread."""
+
+    def __init__(self, app: Any, port: int = 0) -> None:
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, name="screener-status", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the status server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -1,0 +1,80 @@
+"""Where replayed MarketEvents come from: a recorder directory, or a raw hftbacktest capture file (plain or gzip).
+
+A raw capture may carry REST depth snapshots inline as bare `{"lastUpdateId": ...}` objects; they have no symbol,
+so the symbol comes from the capture's file name (`btcusdt_20240808.gz` → BTCUSDT) and they become book events of
+kind "snapshot". Frames that are not well-formed messages are counted and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import orjson
+
+from cambium.core.errors import DataError
+from cambium.market.binance import ControlReply, MalformedFrame, decode_binance
+from cambium.market.captures import iter_hftbacktest
+from cambium.market.events import MarketEvent
+from cambium.market.recorder import Record, read_recording
+
+__all__ = ["DecodeStats", "iter_events", "iter_records"]
+
+
+@dataclass
+class DecodeStats:
+    frames: int = 0
+    events: int = 0
+    malformed: int = 0
+    control_replies: int = 0
+    skipped_lines: list[int] = field(default_factory=list)
+
+
+def iter_records(path: Path, stats: DecodeStats | None = None) -> Iterator[Record]:
+    if path.is_dir():
+        yield from read_recording(path)
+    elif path.is_file():
+        yield from iter_hftbacktest(path, stats.skipped_lines if stats is not None else None)
+    else:
+        raise DataError(f"{str(path)!r} is neither a recording directory nor a capture file")
+
+
+def _file_symbol(path: Path) -> str | None:
+    match = re.match(r"([a-z0-9]+)_\d{8}", path.name.lower())
+    return match.group(1).upper() if match else None
+
+
+def _rest_snapshot(frame: str, symbol: str | None, recv_ns: int, source: str) -> MarketEvent | None:
+    if symbol is None or not frame.startswith('{"lastUpdateId"'):
+        return None
+    try:
+        d = orjson.loads(frame)
+        payload = {"kind": "snapshot", "bids": [[float(p), float(q)] for p, q in d["bids"]],
+                   "asks": [[float(p), float(q)] for p, q in d["asks"]], "last_update_id": int(d["lastUpdateId"])}
+        ts = int(d.get("E", recv_ns // 1_000_000))
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
+    return MarketEvent(ts, source, symbol, "book", payload, recv_ns)
+
+
+def iter_events(path: Path, *, source: str = "binance_usdm", stats: DecodeStats | None = None) -> Iterator[MarketEvent]:
+    """MarketEvents of a recording or capture, in recorded order."""
+    stats = stats if stats is not None else DecodeStats()
+    symbol = _file_symbol(path) if path.is_file() else None
+    for rec in iter_records(path, stats):
+        stats.frames += 1
+        try:
+            decoded = decode_binance(rec.frame, rec.recv_ns, source)
+        except MalformedFrame:
+            snap = _rest_snapshot(rec.frame, symbol, rec.recv_ns, source)
+            if snap is None:
+                stats.malformed += 1
+                continue
+            decoded = [snap]
+        if isinstance(decoded, ControlReply):
+            stats.control_replies += 1
+            continue
+        stats.events += len(decoded)
+        yield from decoded

@@ -1,0 +1,198 @@
+"""Config models of the world model (`configs/worldmodel/<size>.toml`); the root is `CONFIG_MODEL`.
+
+T-shirt sizes follow the origin project's shapes (S/M/L/XL: d_model 256/1024/2048/4096, 12/24/48/32 layers,
+4/16/32/64 heads, expand 2, d_state 16): every one gives head_dim = d_model · expand / n_heads = 128, the tile width
+of TPU MXUs and GPU tensor-core tiles. `WorldModelConfig` checks that rule: a warning for `tiny` and S (CPU-sized), an
+error for the sizes meant for accelerator pods (M, L, XL).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from cambium.core.config import ConfigModel
+
+__all__ = [
+    "ALIGNED_HEAD_DIM",
+    "ALIGNMENT_ENFORCED_SIZES",
+    "CONFIG_MODEL",
+    "AlignmentWarning",
+    "DataConfig",
+    "EMAConfig",
+    "EncoderConfig",
+    "JEPAConfig",
+    "MaskingConfig",
+    "PredictorConfig",
+    "TokenizerConfig",
+    "TrainConfig",
+    "VICRegConfig",
+    "WorldModelConfig",
+]
+
+ALIGNED_HEAD_DIM = 128
+ALIGNMENT_ENFORCED_SIZES = ("M", "L", "XL")
+
+
+class AlignmentWarning(UserWarning):
+    """head_dim is not the accelerator tile width (harmless on CPU, wasteful on TPU/GPU)."""
+
+
+class DataConfig(ConfigModel):
+    """Which candles the pipeline reads."""
+
+    klines_glob: str = Field(
+        "data/samples/market/klines_1h_futures/*.csv.gz",
+        description="glob of 1 h kline files (Binance /fapi/v1/klines fields), relative to the working directory",
+    )
+
+
+class TokenizerConfig(ConfigModel):
+    """Strate I: RevIN → SymLog → dilated causal CNN → FSQ → decoder, one code per patch of bars."""
+
+    patch_length: int = Field(16, ge=2, description="bars per patch (one code per patch)")
+    hidden_channels: int = Field(128, ge=1, description="channels of the encoder and decoder convolutions")
+    n_layers: int = Field(4, ge=1, description="dilated residual conv layers in the encoder and in the decoder")
+    kernel_size: int = Field(3, ge=2, description="kernel width of the causal convolutions")
+    dilation_base: int = Field(2, ge=1, description="layer i uses dilation dilation_base**i")
+    fsq_levels: tuple[int, ...] = Field((8, 5, 5, 5), description="FSQ levels per latent channel (prod = codes)")
+    revin_eps: float = Field(1e-5, gt=0, description="variance floor of the per-patch normalisation")
+    huber_delta: float = Field(1.0, gt=0, description="Huber loss threshold of the reconstruction loss")
+
+    @model_validator(mode="after")
+    def _check(self) -> TokenizerConfig:
+        if len(self.fsq_levels) < 1 or any(v < 2 for v in self.fsq_levels):
+            raise ValueError(f"fsq_levels={list(self.fsq_levels)} must be integers >= 2 (e.g. [8, 5, 5, 5])")
+        field = 1 + (self.kernel_size - 1) * sum(self.dilation_base**i for i in range(self.n_layers))
+        if field < self.patch_length:
+            raise ValueError(
+                f"receptive field {field} of n_layers={self.n_layers}, kernel_size={self.kernel_size}, "
+                f"dilation_base={self.dilation_base} must cover patch_length={self.patch_length}"
+            )
+        return self
+
+
+class EncoderConfig(ConfigModel):
+    """Strate II backbone (context and target encoders share this shape)."""
+
+    backbone: Literal["mamba2", "attention"] = Field("mamba2", description="sequence mixer of the encoder layers")
+    d_model: int = Field(256, ge=1, description="width of the latent embeddings")
+    n_layers: int = Field(12, ge=1, description="encoder layers")
+    n_heads: int = Field(4, ge=1, description="SSD (or attention) heads; head_dim = d_model*expand/n_heads")
+    d_state: int = Field(16, ge=1, description="SSD state size N per head")
+    expand: int = Field(2, ge=1, description="d_inner = expand * d_model (mamba2)")
+    d_conv: int = Field(4, ge=1, description="width of the short causal convolution (mamba2)")
+    chunk_size: int = Field(128, ge=1, description="SSD chunk length")
+    exo_clock: bool = Field(True, description="feed realised-volatility and calendar features to the dt bias")
+    dt_max_delta: float = Field(2.0, ge=0, description="bound of the clock's shift of dt before softplus")
+    dt_min: float = Field(1e-3, gt=0, description="smallest initial step size")
+    dt_max: float = Field(0.1, gt=0, description="largest initial step size")
+
+    @property
+    def head_dim(self) -> int:
+        """d_model * expand / n_heads (attention: d_model / n_heads)."""
+        width = self.d_model * self.expand if self.backbone == "mamba2" else self.d_model
+        return width // self.n_heads
+
+    @model_validator(mode="after")
+    def _check(self) -> EncoderConfig:
+        width = self.d_model * self.expand if self.backbone == "mamba2" else self.d_model
+        if width % self.n_heads:
+            raise ValueError(f"d_model*expand={width} must be divisible by n_heads={self.n_heads}")
+        if self.dt_min > self.dt_max:
+            raise ValueError(f"dt_min={self.dt_min} must be <= dt_max={self.dt_max}")
+        return self
+
+
+class PredictorConfig(ConfigModel):
+    """MLP mapping a context latent to the target latent of a masked position."""
+
+    hidden_dim: int = Field(512, ge=1, description="hidden width of the predictor MLP")
+    n_layers: int = Field(2, ge=1, description="hidden layers of the predictor MLP")
+    dropout: float = Field(0.1, ge=0, lt=1, description="dropout inside the predictor")
+
+
+class MaskingConfig(ConfigModel):
+    """Block masking of the context sequence."""
+
+    mask_ratio: float = Field(0.5, gt=0, lt=1, description="fraction of positions masked (in contiguous blocks)")
+    block_size_min: int = Field(4, ge=1, description="shortest masked block")
+    block_size_max: int = Field(8, ge=1, description="longest masked block")
+
+    @model_validator(mode="after")
+    def _check(self) -> MaskingConfig:
+        if self.block_size_min > self.block_size_max:
+            raise ValueError(f"block_size_min={self.block_size_min} must be <= block_size_max={self.block_size_max}")
+        return self
+
+
+class VICRegConfig(ConfigModel):
+    """VICReg weights (Bardes et al. 2022)."""
+
+    inv_weight: float = Field(25.0, ge=0, description="weight of the invariance (prediction MSE) term")
+    var_weight: float = Field(25.0, ge=0, description="weight of the variance hinge")
+    cov_weight: float = Field(1.0, ge=0, description="weight of the off-diagonal covariance penalty")
+    var_gamma: float = Field(1.0, gt=0, description="target standard deviation of each latent dimension")
+    eps: float = Field(1e-4, gt=0, description="added to the variance before the square root")
+
+
+class EMAConfig(ConfigModel):
+    """Target encoder = EMA of the context encoder, momentum annealed by a cosine from tau_start to tau_end."""
+
+    tau_start: float = Field(0.996, ge=0, le=1, description="EMA momentum at step 0")
+    tau_end: float = Field(1.0, ge=0, le=1, description="EMA momentum at the last step")
+
+
+class JEPAConfig(ConfigModel):
+    """Strate II: JEPA over code sequences with an exo-clock."""
+
+    seq_len: int = Field(128, ge=2, description="patches (codes) per training window")
+    encoder: EncoderConfig = Field(default_factory=EncoderConfig, description="context/target encoder shape")
+    predictor: PredictorConfig = Field(default_factory=PredictorConfig, description="predictor MLP")
+    masking: MaskingConfig = Field(default_factory=MaskingConfig, description="block masking")
+    vicreg: VICRegConfig = Field(default_factory=VICRegConfig, description="loss weights")
+    ema: EMAConfig = Field(default_factory=EMAConfig, description="target encoder momentum")
+
+
+class TrainConfig(ConfigModel):
+    """One training phase."""
+
+    steps: int = Field(1000, ge=1, description="optimizer steps")
+    batch_size: int = Field(64, ge=1, description="windows per step")
+    lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
+    warmup_steps: int = Field(50, ge=0, description="linear warm-up steps")
+    grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
+
+
+class WorldModelConfig(ConfigModel):
+    """Root config of `cambium worldmodel`."""
+
+    size: Literal["tiny", "S", "M", "L", "XL"] = Field(description="T-shirt size of this config")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="device the models are trained on")
+    seed: int = Field(0, description="seed of every random generator of a run")
+    data: DataConfig = Field(default_factory=DataConfig, description="input candles")
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Strate I model")
+    jepa: JEPAConfig = Field(default_factory=JEPAConfig, description="Strate II model")
+    train_tokenizer: TrainConfig = Field(default_factory=TrainConfig, description="Strate I training")
+    train_jepa: TrainConfig = Field(default_factory=TrainConfig, description="Strate II training")
+
+    @model_validator(mode="after")
+    def _alignment(self) -> WorldModelConfig:
+        enc = self.jepa.encoder
+        if enc.head_dim == ALIGNED_HEAD_DIM:
+            return self
+        width = "d_model*expand" if enc.backbone == "mamba2" else "d_model"
+        msg = (
+            f"jepa.encoder head_dim = {width}/n_heads = {enc.head_dim} (d_model={enc.d_model}, expand={enc.expand}, "
+            f"n_heads={enc.n_heads}) is not {ALIGNED_HEAD_DIM}, the TPU/GPU tile width"
+        )
+        if self.size in ALIGNMENT_ENFORCED_SIZES:
+            raise ValueError(f"{msg}; size={self.size} is meant for accelerators and requires it: adjust n_heads")
+        warnings.warn(f"{msg}; fine on CPU, wasteful on accelerators", AlignmentWarning, stacklevel=2)
+        return self
+
+
+CONFIG_MODEL = WorldModelConfig

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from cambium.core.errors import DataError
+from cambium.data.images import CIFAR10_DIR, augment, load_cifar10, normalize
+from cambium.data.text import read_documents
+from cambium.data.tokenizer import tiktoken_from_file
+
+RANKS = Path("data/samples/tokenizers/o200k_base.tiktoken")
+
+
+def test_cifar10_samples_load_with_the_known_first_labels() -> None:
+    train = load_cifar10(batches=("data_batch_1",))
+    test = load_cifar10(batches=("test_batch",))
+    assert train.images.shape == (1017, 3, 32, 32) and train.images.dtype == torch.uint8
+    assert train.labels[:10].tolist() == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]  # the official order (README of the sample)
+    assert test.labels[:10].tolist() == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert train.classes[:3] == ("airplane", "automobile", "bird") and len(train.classes) == 10
+    x = normalize(train.images[:256])
+    assert abs(float(x.mean())) < 0.3 and 0.7 < float(x.std()) < 1.3
+
+
+def test_pickles_with_other_globals_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "batches.meta").write_bytes((CIFAR10_DIR / "batches.meta").read_bytes())
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": __import__("os").getcwd}))
+    with pytest.raises(DataError, match="is not allowed in a CIFAR batch"):
+        load_cifar10(tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        load_cifar10(tmp_path, batches=("data_batch_9",))
+
+
+def test_augment_is_a_reproducible_crop_and_flip() -> None:
+    images = load_cifar10(limit=16).images
+    a = augment(images, torch.Generator().manual_seed(0))
+    b = augment(images, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and a.shape == images.shape
+    same = augment(images, torch.Generator().manual_seed(0), pad=0)
+    flipped = same.flip(-1)
+    assert all(torch.equal(s, i) or torch.equal(f, i) for s, f, i in zip(same, flipped, images, strict=True))
+
+
+def test_o200k_from_the_committed_file(tmp_path: Path) -> None:
+    tok = tiktoken_from_file("o200k_harmony", RANKS, tmp_path / "cache")
+    assert tok.vocab_size == 201_088 and tok.encode("Hello world") == [13225, 2375]
+    assert tok.decode(tok.encode("naïve café ✓")) == "naïve café ✓"
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_bytes(RANKS.read_bytes()[:1000])
+    with pytest.raises(DataError, match="sha256"):
+        tiktoken_from_file("o200k_base", bad, tmp_path / "cache2")
+    with pytest.raises(DataError, match="not supported"):
+        tiktoken_from_file("cl100k_base", RANKS, tmp_path / "cache")
+
+
+def test_text_formats(tmp_path: Path) -> None:
+    p = tmp_path / "t.txt"
+    p.write_text("a\nb\n\n\nc\n")
+    assert list(read_documents(p, "paragraphs")) == ["a\nb\n", "c\n"]
+    assert list(read_documents(p, "text")) == ["a\nb\n\n\nc\n"]
+    p.write_bytes(b"\xff\xfe")
+    with pytest.raises(DataError, match="not UTF-8"):
+        list(read_documents(p, "text"))

@@ -1,0 +1,75 @@
+"""Decoding real Binance frames (lines quoted from the committed captures and Binance's documentation)."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import orjson
+import pytest
+
+from cambium.market.binance import ControlReply, MalformedFrame, decode_binance
+
+USDM_BOOK = ('{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":5123107839020,"s":"BTCUSDT","b":"61800.20",'
+             '"B":"2.507","a":"61800.30","A":"2.510","T":1723161256313,"E":1723161256313}}')
+USDM_TRADE = ('{"stream":"btcusdt@trade","data":{"e":"trade","E":1723161256322,"T":1723161256322,"s":"BTCUSDT",'
+              '"t":5266583935,"p":"61800.30","q":"0.006","X":"MARKET","m":false}}')
+SPOT_BOOK = ('{"stream":"btcusdt@bookTicker","data":{"u":50093239212,"s":"BTCUSDT","b":"61837.63000000",'
+             '"B":"3.78826000","a":"61837.64000000","A":"1.54698000"}}')
+SPOT_TRADE = ('{"stream":"btcusdt@trade","data":{"e":"trade","E":1723161255343,"s":"BTCUSDT","t":3735683259,'
+              '"p":"61837.63000000","q":"0.02000000","T":1723161255342,"m":true,"M":true}}')
+MARK_ARR = ('{"stream":"!markPrice@arr","data":[{"e":"markPriceUpdate","E":1562305380000,"s":"BTCUSDT",'
+            '"p":"11794.15000000","i":"11784.62659091","P":"11784.25641265","r":"0.00038167","T":1562306400000}]}')
+
+
+def test_trades_and_book_tickers_futures_and_spot() -> None:
+    (ev,) = decode_binance(USDM_BOOK, 7, "binance_usdm")
+    assert (ev.ts, ev.symbol, ev.type, ev.recv_ts) == (1723161256313, "BTCUSDT", "book", 7)
+    assert ev.payload == {"kind": "top", "bid": 61800.2, "bid_qty": 2.507, "ask": 61800.3, "ask_qty": 2.51,
+                          "update_id": 5123107839020}
+    (ev,) = decode_binance(USDM_TRADE, 7, "binance_usdm")
+    assert ev.payload == {"price": 61800.3, "qty": 0.006, "side": "buy", "trade_id": 5266583935,
+                          "trade_time": 1723161256322}
+    (ev,) = decode_binance(SPOT_BOOK, 1723161254087891268, "binance_spot")
+    assert ev.ts == 1723161254087 and ev.payload["bid"] == 61837.63  # spot bookTicker has no event time
+    (ev,) = decode_binance(SPOT_TRADE, 1, "binance_spot")
+    assert ev.payload["side"] == "sell" and ev.payload["qty"] == 0.02  # m=true: the buyer was maker, a taker sold
+
+
+def test_depth_kline_and_mark_price(samples: Path) -> None:
+    with gzip.open(samples / "ws/binance_usdm_hftbacktest/btcusdt_20240808.gz", "rt") as fh:
+        depth_line = next(ln for ln in fh if "@depth@0ms" in ln[:60]).split(" ", 1)[1].rstrip("\n")
+    raw = orjson.loads(depth_line)["data"]
+    (ev,) = decode_binance(depth_line, 1, "binance_usdm")
+    assert ev.type == "book" and ev.payload["kind"] == "diff" and ev.payload["prev_update_id"] == raw["pu"]
+    assert ev.payload["bids"] == [[float(p), float(q)] for p, q in raw["b"]] and len(raw["b"]) > 10
+    cf = samples / "ws/binance_cryptofeed/2021-07-22_usdm/BINANCE_FUTURES.ws.1.0.gz"
+    with gzip.open(cf, "rt") as fh:
+        kline_line = next(ln for ln in fh if '"x":true' in ln).split(": ", 1)[1].rstrip("\n")
+    k = orjson.loads(kline_line)["data"]["k"]
+    (ev,) = decode_binance(kline_line, 1, "binance_usdm")
+    assert ev.type == "kline" and ev.payload["closed"] is True and ev.payload["interval"] == "1m"
+    assert (ev.payload["open_time"], ev.payload["trades"], ev.payload["taker_buy_quote"]) == (k["t"], k["n"],
+                                                                                              float(k["Q"]))
+    (ev,) = decode_binance(MARK_ARR, 1, "binance_usdm")
+    assert ev.type == "mark" and ev.payload == {"mark": 11794.15, "index": 11784.62659091, "settle": 11784.25641265,
+                                                "funding_rate": 0.00038167, "next_funding_time": 1562306400000}
+
+
+@pytest.mark.parametrize(
+    "frame",
+    ['{"stream":"btcusdt@trade","data":{"e":"trade","E":1723', "not json", '{"stream":"x"}', "[1,2,3]",
+     '{"stream":"btcusdt@trade","data":{"e":"trade","E":1,"T":1,"s":"BTCUSDT","t":1,"p":"abc","q":"1","m":true}}',
+     '{"stream":"btcusdt@trade","data":{"e":"trade","E":1}}', '{"stream":"a","data":{"e":"somethingNew"}}',
+     '{"data":{"e":"trade"}}', '{"stream":"a","data":"text"}'],
+)
+def test_malformed_frames_raise_malformed(frame: str) -> None:
+    with pytest.raises(MalformedFrame):
+        decode_binance(frame, 1, "binance_usdm")
+
+
+def test_control_replies() -> None:
+    assert decode_binance('{"result":null,"id":3}', 1, "x") == ControlReply(3, None)
+    assert decode_binance('{"code":2,"msg":"Invalid request","id":4}', 1, "x") == ControlReply(
+        4, "code=2 msg=Invalid request")
+    assert decode_binance('{"error":{"code":1,"msg":"bad"},"id":5}', 1, "x") == ControlReply(5, "code=1 msg=bad")

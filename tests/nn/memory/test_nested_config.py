@@ -1,0 +1,37 @@
+"""cambium.nested.config: the root model validates the memory knobs and the composition when a file loads."""
+
+from __future__ import annotations
+
+import pytest
+
+from cambium.core.config import load_data, to_toml
+from cambium.core.errors import ConfigError
+from cambium.nested.config import CONFIG_MODEL
+
+MINIMAL = {"model": {"vocab_size": 256, "dim": 64, "n_levels": 2, "heads": 4, "mlp_hidden": 128, "window": 32}}
+
+
+def test_minimal_config_loads_with_documented_defaults() -> None:
+    cfg = load_data(MINIMAL, CONFIG_MODEL)
+    assert cfg.cms.periods == (1, 8, 64, 512)
+    assert cfg.model.composition == "mag"
+    assert cfg.model.memory.structure == "matrix"
+    assert "periods" in to_toml(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.memory.structure=vector", "model.memory.algorithm=newton_schulz"], "structure='vector'"),
+        (["cms.periods=[1, 8, 12]"], "12 after 8"),
+        (["model.composition=full"], "remove window=32"),
+        (["model.composition=mac"], "needs segment_len"),
+        (["model.composition=mac", "model.segment_len=48", "model.memory.execution=chunkwise_approx",
+          "model.memory.chunk_size=32"], "segment_len=48 must be a multiple of memory.chunk_size=32"),
+        (["model.heads=3"], "dim=64 must be divisible by heads=3"),
+        (["build.warmup_steps=500"], "warmup_steps=500"),
+    ],
+)
+def test_invalid_configs_are_rejected_naming_the_fields(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_data(MINIMAL, CONFIG_MODEL, overrides)

@@ -1,0 +1,52 @@
+"""Real candles for the world-model tests, parsed with csv/gzip (the market candle store will replace this)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from pathlib import Path
+
+import pytest
+import torch
+
+from cambium.worldmodel.features import CandleBatch
+from cambium.worldmodel.training import CandleSeries
+
+T0 = 1757750400000  # 2025-09-13 08:00 UTC, a Saturday
+HOUR = 3_600_000
+KLINES = Path(__file__).resolve().parents[2] / "data" / "samples" / "market" / "klines_1h_futures"
+
+
+def read_klines(path: Path) -> CandleSeries:
+    """A klines_1h_futures file -> CandleSeries; the last row (probably a still-forming candle) is dropped."""
+    with gzip.open(path, "rt", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:-1]
+    ohlcv = torch.tensor(
+        [[float(r[k]) for k in ("open", "high", "low", "close", "volume")] for r in rows], dtype=torch.float64
+    )
+    times = torch.tensor([int(r["timestamp"]) for r in rows], dtype=torch.int64)
+    return CandleSeries(path.name.removesuffix(".csv.gz"), ohlcv, times)
+
+
+@pytest.fixture(scope="session")
+def real_series() -> list[CandleSeries]:
+    paths = sorted(KLINES.glob("*.csv.gz"))
+    assert paths, f"no sample klines under {KLINES}"
+    return [read_klines(p) for p in paths]
+
+
+def random_candles(b: int, t: int, seed: int = 0) -> CandleBatch:
+    gen = torch.Generator().manual_seed(seed)
+    close = 100 * torch.exp(torch.cumsum(torch.randn(b, t, generator=gen, dtype=torch.float64) * 0.01, dim=1))
+    open_ = torch.cat([close[:, :1], close[:, :-1]], dim=1)
+    high = torch.maximum(open_, close) * (1 + torch.rand(b, t, generator=gen, dtype=torch.float64) * 0.01)
+    low = torch.minimum(open_, close) * (1 - torch.rand(b, t, generator=gen, dtype=torch.float64) * 0.01)
+    volume = torch.rand(b, t, generator=gen, dtype=torch.float64) * 1000
+    times = T0 + torch.arange(t, dtype=torch.int64) * HOUR
+    return CandleBatch(torch.stack([open_, high, low, close, volume], dim=-1), times.expand(b, t).clone())
+
+
+@pytest.fixture
+def make_candles():
+    """Synthetic random-walk candles: make_candles(b, t, seed=0) -> CandleBatch (float64 ohlcv, hourly times)."""
+    return random_candles
