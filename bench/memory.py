@@ -51,7 +51,7 @@ def _record(case: str, metric: str, value: float, unit: str, reference: str,
 FACTS: dict[str, Any] = {}
 
 
-def delta_case(t: int, d: int, heads: int, chunk: int, rounds: int, t_bwd: int) -> list[dict]:
+def delta_case(t: int, d: int, heads: int, chunk: int, rounds: int, slow_rounds: int, t_bwd: int) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     q = F.normalize(torch.randn(1, heads, t, d, generator=gen), dim=-1)
     k = F.normalize(torch.randn(1, heads, t, d, generator=gen), dim=-1)
@@ -70,8 +70,8 @@ def delta_case(t: int, d: int, heads: int, chunk: int, rounds: int, t_bwd: int) 
     with torch.inference_mode():
         o_fast, _ = delta_rule_chunkwise(q * scale, k, v, beta, chunk_size=chunk)
         o_rec, _ = delta_rule_recurrent(q * scale, k, v, beta)
-        # The token loops take seconds each: one untimed-warm-up-free round is enough to measure them.
-        times = interleaved_best(fast, rounds) | interleaved_best(slow, 1, warmup=0)
+        # The token loops are slow: a few rounds without warm-up; the chunked paths get many rounds.
+        times = interleaved_best(fast, rounds) | interleaved_best(slow, slow_rounds, warmup=0)
         out = [_record(case, "forward_seconds", times["chunkwise"], "s", name, times[name])
                for name in times if name != "chunkwise"]
         out.append(_record(case, "max_abs_diff_vs_recurrence", float((o_fast - o_rec).abs().max()), "", "recurrence",
@@ -90,7 +90,7 @@ def delta_case(t: int, d: int, heads: int, chunk: int, rounds: int, t_bwd: int) 
         return run
 
     times = (interleaved_best({"kernel": fwd_bwd(lambda *a: delta_rule_chunkwise(*a, chunk_size=chunk))}, rounds)
-             | interleaved_best({"recurrence": fwd_bwd(delta_rule_recurrent)}, 1, warmup=0))
+             | interleaved_best({"recurrence": fwd_bwd(delta_rule_recurrent)}, slow_rounds, warmup=0))
     out.append(_record(f"delta fwd+bwd (B,H,T,d)=(1, {heads}, {t_bwd}, {d}) chunk={chunk}", "seconds",
                        times["kernel"], "s", "autograd through recurrence", times["recurrence"]))
     return out
@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     FACTS.update(machine())
     torch.manual_seed(0)
     if args.quick:
-        records = delta_case(t=1024, d=64, heads=1, chunk=64, rounds=2, t_bwd=256) + titans_case(256, 64, 2, 16, 2)
+        records = delta_case(t=1024, d=64, heads=1, chunk=64, rounds=3, slow_rounds=1, t_bwd=256)
+        records += titans_case(256, 64, 2, 16, 3)
     else:
-        records = delta_case(t=4096, d=64, heads=2, chunk=64, rounds=3, t_bwd=1024) + titans_case(1024, 128, 4, 64, 3)
+        records = delta_case(t=4096, d=64, heads=2, chunk=64, rounds=10, slow_rounds=2, t_bwd=1024)
+        records += titans_case(1024, 128, 4, 64, 10)
     path = write_results("memory", records, args.results_dir)
     print(f"wrote {path}")
 

@@ -13,6 +13,7 @@ from cambium.core.errors import CambiumError
 from cambium.demo import demo_command
 from cambium.market.cli import app as market_app
 from cambium.moe.cli import app as moe_app
+from cambium.morph.cli import app as morph_app
 from cambium.screener.cli import app as screener_app
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app.add_typer(runs_app, name="runs")
 app.add_typer(config_app, name="config")
 app.add_typer(market_app, name="market")
 app.add_typer(moe_app, name="moe")
+app.add_typer(morph_app, name="morph")
 app.add_typer(screener_app, name="screener")
 
 

@@ -12,8 +12,12 @@ from rich.console import Console
 from cambium.core.doctor import doctor_command
 
 # (system, module holding its `demo()`); a system is listed here once its demo exists.
-DEMOS: list[tuple[str, str]] = [("market", "cambium.market.cli"), ("moe", "cambium.moe.cli"),
-                                     ("screener", "cambium.screener.cli")]
+DEMOS: list[tuple[str, str]] = [
+    ("market", "cambium.market.cli"),
+    ("moe", "cambium.moe.cli"),
+    ("morph", "cambium.morph.cli"),
+    ("screener", "cambium.screener.cli"),
+]
 
 
 def demo_command(

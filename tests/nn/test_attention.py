@@ -67,13 +67,19 @@ def test_attention_rejects_bad_shapes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("q_lora_rank", "window", "dtype"),
-    [(None, None, torch.float32), (12, None, torch.float32), (12, 4, torch.float64), (None, 2, torch.float64)],
+    ("q_lora_rank", "window", "v_dim", "dtype"),
+    [
+        (None, None, 6, torch.float32),
+        (12, None, 12, torch.float32),  # value as wide as query/key: no padding
+        (None, None, 16, torch.float32),  # value wider than query/key
+        (12, 4, 6, torch.float64),
+        (None, 2, 6, torch.float64),
+    ],
 )
-def test_mla_matches_naive(q_lora_rank: int | None, window: int | None, dtype: torch.dtype) -> None:
+def test_mla_matches_naive(q_lora_rank: int | None, window: int | None, v_dim: int, dtype: torch.dtype) -> None:
     torch.manual_seed(2)
     mla = MLA(
-        24, 3, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6,
+        24, 3, kv_lora_rank=10, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=v_dim,
         q_lora_rank=q_lora_rank, window=window, max_seq_len=16, rope_theta=50.0,
     ).to(dtype)
     with torch.no_grad():  # non-trivial norm weights so the reference must apply them

@@ -134,7 +134,7 @@ def test_replay_digest_is_the_documented_chain() -> None:
 
 
 def test_throughput_helper_reports_bench_records() -> None:
-    from cambium.screener.perf import contract_throughput
+    from bench.screener_contracts import contract_throughput
 
     records = contract_throughput(200)
     assert records[0]["case"] == "PredictionSnapshot construct+encode"

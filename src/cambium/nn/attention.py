@@ -34,6 +34,14 @@ def causal_mask(t: int, window: int | None, device: torch.device | None = None) 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
     """q `[B, T, H, E]`, k `[B, T, G, E]`, v `[B, T, G, V]` → `[B, T, H, V]`."""
+    dv, dqk = v.shape[-1], q.shape[-1]
+    # SDPA's fused CPU kernel needs equal query/key and value widths (MLA has E + P != V); otherwise it falls back
+    # to the unfused math path, ~8x slower at moonlet-cpu shapes. Zero padding changes neither the scores (the
+    # scale is explicit) nor the kept output columns.
+    if dv < dqk:
+        v = F.pad(v, (0, dqk - dv))
+    elif dv > dqk:
+        q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
     q, k, v = (z.transpose(1, 2) for z in (q, k, v))
     gqa = k.shape[1] != q.shape[1]
     if window is None or window >= q.shape[2]:
@@ -41,7 +49,7 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None,
     else:
         mask = causal_mask(q.shape[2], window, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2)[..., :dv]
 
 
 def attention_reference(

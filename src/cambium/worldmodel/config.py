@@ -23,8 +23,10 @@ __all__ = [
     "DataConfig",
     "EMAConfig",
     "EncoderConfig",
+    "EvalConfig",
     "JEPAConfig",
     "MaskingConfig",
+    "PipelineConfig",
     "PredictorConfig",
     "TokenizerConfig",
     "TrainConfig",
@@ -41,12 +43,65 @@ class AlignmentWarning(UserWarning):
 
 
 class DataConfig(ConfigModel):
-    """Which candles the pipeline reads."""
+    """Which candles the pipeline reads and where phase 1 stores them."""
 
     klines_glob: str = Field(
         "data/samples/market/klines_1h_futures/*.csv.gz",
         description="glob of 1 h kline files (Binance /fapi/v1/klines fields), relative to the working directory",
     )
+    symbols: tuple[str, ...] = Field((), description="import only these symbols (file-name prefixes); empty = all")
+    market: Literal["futures", "spot"] = Field("futures", description="market partition of the candle store")
+    interval: Literal["1m", "5m", "15m", "1h", "4h"] = Field("1h", description="bar interval of the kline files")
+    store_dir: str | None = Field(
+        None, description="candle store root; None = a store inside the run directory (`<run>/store`)"
+    )
+    drop_last_bar: bool = Field(
+        True, description="drop each file's last row (the committed samples end with a still-forming bar)"
+    )
+    min_segment_bars: int = Field(
+        64, ge=2, description="contiguous runs of bars (between gaps) shorter than this are left out"
+    )
+
+
+class EvalConfig(ConfigModel):
+    """WM-7: chronological split with an embargo, linear probes of next-bar returns."""
+
+    holdout_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share of the calendar span (first to last bar of the store) held out at the end"
+    )
+    embargo_bars: int = Field(48, ge=0, description="bars between the training window and the hold-out window")
+    ridge_alphas: tuple[float, ...] = Field(
+        (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0),
+        description="ridge penalties tried; chosen on the last validation_fraction of the training anchors",
+    )
+    logistic_l2: tuple[float, ...] = Field(
+        (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
+        description="L2 penalties of the direction probe tried; chosen like ridge_alphas",
+    )
+    validation_fraction: float = Field(
+        0.2, gt=0, lt=1, description="latest share of training anchors used to choose the penalties"
+    )
+    batch_windows: int = Field(256, ge=1, description="windows encoded per forward pass")
+    report_examples: int = Field(4, ge=1, description="hold-out patches drawn in the reconstruction plot")
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        if not self.ridge_alphas or any(a <= 0 for a in self.ridge_alphas):
+            raise ValueError(f"ridge_alphas={list(self.ridge_alphas)} must be a non-empty list of values > 0")
+        if not self.logistic_l2 or any(a <= 0 for a in self.logistic_l2):
+            raise ValueError(f"logistic_l2={list(self.logistic_l2)} must be a non-empty list of values > 0")
+        return self
+
+
+class PipelineConfig(ConfigModel):
+    """How `cambium worldmodel pipeline` runs its phases."""
+
+    checkpoint_every: int = Field(100, ge=1, description="checkpoint every this many steps of phases 2 and 4")
+    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept in the run")
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default; 1 makes runs reproducible "
+                                              "under any load)")
+    tokenizer_window_patches: int = Field(8, ge=1, description="patches per Strate I training window")
+    log_every: int = Field(1, ge=1, description="log training metrics every this many steps")
 
 
 class TokenizerConfig(ConfigModel):
@@ -178,6 +233,8 @@ class WorldModelConfig(ConfigModel):
     jepa: JEPAConfig = Field(default_factory=JEPAConfig, description="Strate II model")
     train_tokenizer: TrainConfig = Field(default_factory=TrainConfig, description="Strate I training")
     train_jepa: TrainConfig = Field(default_factory=TrainConfig, description="Strate II training")
+    evaluation: EvalConfig = Field(default_factory=EvalConfig, description="WM-7 split and linear probes")
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="pipeline phases and checkpoints")
 
     @model_validator(mode="after")
     def _alignment(self) -> WorldModelConfig:

@@ -19,9 +19,14 @@ from cambium.worldmodel.features import CandleBatch, clock_features
 from cambium.worldmodel.jepa import WorldModelJEPA, block_mask, ema_momentum
 from cambium.worldmodel.tokenizer import FSQTokenizer
 
-__all__ = ["CandleSeries", "fit_jepa", "fit_tokenizer", "sample_windows", "tokenize_series"]
+__all__ = [
+    "CandleSeries", "GeneratorState", "JEPASteps", "TokenizerSteps", "candle_batch_fn", "fit_jepa", "fit_tokenizer", "sample_windows",
+    "tokenize_series",
+]
 
 StepCallback = Callable[[int, dict[str, float]], None]
+# (generator) -> (code indices [B, N], clock features [B, N, F])
+JEPABatchFn = Callable[[torch.Generator], tuple[Tensor, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -59,6 +64,92 @@ def _optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> tuple[to
     return opt, LRScheduler(opt, schedule)
 
 
+class GeneratorState:
+    """A torch.Generator as a checkpointable object (state_dict / load_state_dict)."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
+class TokenizerSteps:
+    """Strate I training one optimizer step at a time; `state()` holds everything a checkpoint needs."""
+
+    def __init__(self, model: FSQTokenizer, series: Sequence[CandleSeries], train: TrainConfig,
+                 generator: torch.Generator, window_patches: int = 8) -> None:
+        self.model, self.series, self.train, self.generator = model, series, train, generator
+        self.bars = window_patches * model.cfg.patch_length
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt, self.sched = _optimizer(self.params, train)
+
+    def state(self) -> dict[str, object]:
+        return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
+                "generator": GeneratorState(self.generator)}
+
+    def step(self, step: int) -> dict[str, float]:
+        """Optimizer step number `step` (0-based) -> {loss, grad_norm, lr} (lr used by this step)."""
+        self.model.train()
+        lr = self.opt.param_groups[0]["lr"]
+        out = self.model(sample_windows(self.series, self.bars, self.train.batch_size, self.generator).ohlcv)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
+        self.opt.step()
+        self.sched.step(step + 1)
+        return {"loss": float(out.loss.detach()), "grad_norm": float(grad_norm), "lr": float(lr)}
+
+
+class JEPASteps:
+    """Strate II training one optimizer step at a time on batches from `batch_fn` (the tokenizer stays frozen)."""
+
+    def __init__(self, model: WorldModelJEPA, batch_fn: JEPABatchFn, train: TrainConfig,
+                 generator: torch.Generator) -> None:
+        self.model, self.batch_fn, self.train, self.generator = model, batch_fn, train, generator
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt, self.sched = _optimizer(self.params, train)
+
+    def state(self) -> dict[str, object]:
+        return {"model": self.model, "optimizer": self.opt, "scheduler": self.sched,
+                "generator": GeneratorState(self.generator)}
+
+    def step(self, step: int) -> dict[str, float]:
+        """Optimizer step number `step` (0-based) -> loss terms, grad_norm, lr, ema momentum."""
+        cfg = self.model.cfg
+        self.model.train()
+        lr = self.opt.param_groups[0]["lr"]
+        indices, clock = self.batch_fn(self.generator)
+        mask = block_mask(indices.shape[0], indices.shape[1], cfg.masking, self.generator)
+        out = self.model(indices, clock, mask)
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.train.grad_clip)
+        self.opt.step()
+        self.sched.step(step + 1)
+        tau = ema_momentum(step + 1, self.train.steps, cfg.ema)
+        self.model.update_target(tau)
+        return {
+            "loss": float(out.loss.detach()), "invariance": float(out.invariance.detach()),
+            "variance": float(out.variance.detach()), "covariance": float(out.covariance.detach()),
+            "grad_norm": float(grad_norm), "lr": float(lr), "ema_tau": float(tau),
+        }
+
+
+def candle_batch_fn(series: Sequence[CandleSeries], model: WorldModelJEPA, batch_size: int) -> JEPABatchFn:
+    """Random windows of seq_len patches from `series`, tokenized on the fly (patch grid moves with the start)."""
+    patch = model.tokenizer.cfg.patch_length
+
+    def batch(generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        candles = sample_windows(series, model.cfg.seq_len * patch, batch_size, generator)
+        return model.tokenizer.tokenize(candles.ohlcv), clock_features(candles, patch)
+
+    return batch
+
+
 def fit_tokenizer(
     model: FSQTokenizer,
     series: Sequence[CandleSeries],
@@ -68,21 +159,13 @@ def fit_tokenizer(
     on_step: StepCallback | None = None,
 ) -> list[float]:
     """Train Strate I for train.steps steps on random windows; returns the loss of every step."""
-    bars = window_patches * model.cfg.patch_length
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = _optimizer(params, train)
-    model.train()
+    steps = TokenizerSteps(model, series, train, generator, window_patches)
     losses = []
     for step in range(train.steps):
-        out = model(sample_windows(series, bars, train.batch_size, generator).ohlcv)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-        opt.step()
-        sched.step(step + 1)
-        losses.append(float(out.loss.detach()))
+        row = steps.step(step)
+        losses.append(row["loss"])
         if on_step is not None:
-            on_step(step, {"loss": losses[-1], "grad_norm": float(grad_norm)})
+            on_step(step, {"loss": row["loss"], "grad_norm": row["grad_norm"]})
     model.eval()
     return losses
 
@@ -102,29 +185,11 @@ def fit_jepa(
     on_step: StepCallback | None = None,
 ) -> list[dict[str, float]]:
     """Train Strate II (the tokenizer stays frozen); returns the loss terms of every step."""
-    cfg = model.cfg
-    patch = model.tokenizer.cfg.patch_length
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = _optimizer(params, train)
-    model.train()
+    steps = JEPASteps(model, candle_batch_fn(series, model, train.batch_size), train, generator)
     history = []
     for step in range(train.steps):
-        candles = sample_windows(series, cfg.seq_len * patch, train.batch_size, generator)
-        indices = model.tokenizer.tokenize(candles.ohlcv)
-        clock = clock_features(candles, patch)
-        mask = block_mask(indices.shape[0], indices.shape[1], cfg.masking, generator)
-        out = model(indices, clock, mask)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
-        opt.step()
-        sched.step(step + 1)
-        model.update_target(ema_momentum(step + 1, train.steps, cfg.ema))
-        row = {
-            "loss": float(out.loss.detach()), "invariance": float(out.invariance.detach()),
-            "variance": float(out.variance.detach()), "covariance": float(out.covariance.detach()),
-            "grad_norm": float(grad_norm),
-        }
+        full = steps.step(step)
+        row = {k: full[k] for k in ("loss", "invariance", "variance", "covariance", "grad_norm")}
         history.append(row)
         if on_step is not None:
             on_step(step, row)

@@ -2,19 +2,18 @@
 
 `contract_throughput()` returns benchmark records in the bench/ convention (case, metric, value, unit, reference,
 reference_value, ratio); the reference is the same contract written as a strict pydantic v2 model (the
-project's config library), built and dumped to JSON the same way. Run: `python -m cambium.screener.perf [--quick]`.
+project's config library), built and dumped to JSON the same way. Run: `python -m bench.screener_contracts [--quick]`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.common import machine, parse_args, write_results
 from cambium.screener.contracts import DataHealth, FeatureSnapshot, PredictionSnapshot, RankEvent, decode, encode
 from cambium.screener.digest import canonical_json
 from cambium.screener.schema import feature_names
@@ -127,15 +126,11 @@ def contract_throughput(n: int = 100_000) -> list[dict[str, Any]]:
     return records
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="10k messages per case instead of 100k")
-    args = parser.parse_args()
-    records = contract_throughput(10_000 if args.quick else 100_000)
-    for r in records:
-        ratio = f"ratio {r['ratio']:.1f}x vs {r['reference']}" if r["ratio"] else ""
-        print(f"{r['case']}: {r['value']:,.0f} {r['unit']} {ratio}")
-    print(json.dumps(records))
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args("screener contract throughput against strict pydantic models", argv)
+    facts = machine("cpu")
+    records = [{**r, "machine": facts} for r in contract_throughput(10_000 if args.quick else 100_000)]
+    write_results("screener_contracts", records, args.results_dir)
 
 
 if __name__ == "__main__":

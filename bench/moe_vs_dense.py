@@ -1,0 +1,179 @@
+"""MoE vs dense at equal active parameters and equal tokens on the committed text (spec target: MoE val loss lower).
+
+Run: `python -m bench.moe_vs_dense [--quick] [--shape small|moonlet-cpu] [--steps N]`.
+
+Both models come from `configs/moe/moonlet-cpu.toml` (its mixture: tinyshakespeare + wikitext-2, BPE 4096) with the
+same shape overrides; the dense twin makes every layer a dense SwiGLU whose width is solved so that its active
+parameter count (input embedding and output head excluded) equals the MoE model's (`dense_twin`). Both are trained by
+`cambium.moe.train.Trainer` with the same seed, data order, WSD schedule (5 % warmup, 20 % 1-sqrt decay, by tokens)
+and token budget, and evaluated on the same validation windows. Cases:
+
+- `val_loss` (nats/token): value = MoE final validation loss, reference = dense; ratio = dense / MoE (> 1: MoE wins).
+- `val_bpb` (bits/byte): the same in bits per UTF-8 byte.
+
+The validation curves go to `docs/img/moe_vs_dense.png` (`--plot`); the JSON records carry the curves, the parameter
+counts, the wall time of each run and the load average. Default shape `small` (d=128, T=128: moonlet-cpu at d=256,
+T=256 takes ~10 s a step on 2 busy cores, too slow for a 15-minute benchmark of two models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine, make_record, parse_args, write_results
+from cambium.core.config import load
+from cambium.core.runs import create_run
+from cambium.data.mixture import prepare_mixture
+from cambium.moe.config import MoEConfig
+from cambium.moe.model import MoETransformer
+from cambium.moe.train import Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "moe" / "moonlet-cpu.toml"
+PLOT = ROOT / "docs" / "img" / "moe_vs_dense.png"
+
+# Shape overrides applied to both models (moonlet-cpu's layout: 4 layers, 1 dense + 3 MoE, 16 experts top-4 + 1
+# shared, MLA), shrunk in width and context.
+SHAPES: dict[str, list[str]] = {
+    "moonlet-cpu": [],
+    "small": ["model.dim=128", "model.dense_hidden=384", "model.moe.expert_hidden=64", "model.max_seq_len=128",
+              "model.attention.kv_lora_rank=32", "data.seq_len=128", "data.batch_size=16"],
+    "quick": ["model.dim=64", "model.dense_hidden=192", "model.moe.expert_hidden=32", "model.max_seq_len=64",
+              "model.attention.kv_lora_rank=16", "model.attention.qk_nope_head_dim=16",
+              "model.attention.qk_rope_head_dim=8", "model.attention.v_head_dim=16", "data.seq_len=64",
+              "data.batch_size=8"],
+}
+
+
+def active_params(cfg: MoEConfig) -> int:
+    """Parameters a token passes through (routed experts count top_k of n_routed), embeddings/head excluded."""
+    return MoETransformer(cfg.model).num_params(active=True, embeddings=False)
+
+
+def dense_twin(cfg: MoEConfig, path: Path = CONFIG, overrides: Sequence[str] = ()) -> tuple[MoEConfig, int]:
+    """The all-dense model of `cfg` (same attention, depth, width, data, optimiser, schedule) whose dense SwiGLU width
+    h makes its active parameter count closest to `cfg`'s. Returns (config, h). `cfg` must be `load(path, overrides)`.
+    Dense params are P0 + L·3·D·h, so h follows from the count at h=1."""
+    target = active_params(cfg)
+    dims = cfg.model.n_layers * 3 * cfg.model.dim
+    base = [*overrides, f"model.n_dense_layers={cfg.model.n_layers}", f"name={cfg.name}-dense"]
+    at_one = active_params(load(path, MoEConfig, [*base, "model.dense_hidden=1"]))
+    hidden = max(1, round((target - at_one) / dims) + 1)
+    return load(path, MoEConfig, [*base, f"model.dense_hidden={hidden}"]), hidden
+
+
+def schedule_overrides(total_tokens: int, lr: float) -> list[str]:
+    warmup, decay = int(total_tokens * 0.05), int(total_tokens * 0.2)
+    return ["schedule.kind=wsd", "schedule.unit=tokens", f"schedule.warmup={warmup}",
+            f"schedule.stable={total_tokens - warmup - decay}", f"schedule.decay={decay}",
+            f"schedule.lr_max={lr}", f"optim.dense_lr={lr}"]
+
+
+def train_curve(cfg: MoEConfig, runs_root: Path, eval_every: int) -> dict[str, Any]:
+    """Train `cfg` for its schedule; validation every `eval_every` steps and at the end. Returns curves and figures."""
+    run = create_run(runs_root, system="moe", name=cfg.name, config=cfg, seed=cfg.train.seed, data_files=[])
+    with run:
+        trainer = Trainer(cfg, run, resume=False)
+        curve: list[dict[str, float]] = []
+        train_loss: list[float] = []
+        start = time.perf_counter()
+        while trainer.step < trainer.total_steps:
+            values = trainer.train_step()
+            train_loss.append(values["lm_loss"])
+            if trainer.step % eval_every == 0 or trainer.step == trainer.total_steps:
+                ev = trainer.evaluate()
+                curve.append({"step": trainer.step, "tokens": trainer.tokens, "val_loss": ev["val/loss"],
+                              "val_bpb": ev["val/bpb"]})
+                print(f"  {cfg.name} step {trainer.step}/{trainer.total_steps} train {values['lm_loss']:.3f} "
+                      f"val {ev['val/loss']:.3f} ({ev['val/bpb']:.3f} bpb)", flush=True)
+        seconds = time.perf_counter() - start
+        trainer.metrics.close()
+        run.finish("finished", summary={"val/loss": curve[-1]["val_loss"]})
+    model = trainer.model
+    return {"name": cfg.name, "curve": curve, "train_loss": train_loss, "seconds": seconds,
+            "tokens": trainer.tokens, "steps": trainer.step,
+            "active_params": model.num_params(active=True, embeddings=False),
+            "total_params": model.num_params(embeddings=False)}
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    for label, res in results.items():
+        tokens = [p["tokens"] / 1e6 for p in res["curve"]]
+        ax.plot(tokens, [p["val_loss"] for p in res["curve"]], marker="o", ms=3,
+                label=f"{label}: {res['active_params'] / 1e6:.2f}M active / {res['total_params'] / 1e6:.2f}M total")
+    ax.set_xlabel("training tokens (millions)")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _extra(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="shape overrides (default: small)")
+    parser.add_argument("--steps", type=int, default=None, help="optimiser steps (same for both models)")
+    parser.add_argument("--eval-every", type=int, default=None, help="validation every this many steps")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every group")
+    parser.add_argument("--plot", type=Path, default=None, help=f"curve PNG (default {PLOT}; not written by --quick)")
+    parser.add_argument("--runs-dir", type=Path, default=None, help="run registry (default: a temporary directory)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args("MoE vs dense at equal active parameters and tokens", argv, _extra)
+    shape = args.shape or ("quick" if args.quick else "small")
+    steps = args.steps or (15 if args.quick else 240)
+    eval_every = args.eval_every or (5 if args.quick else 20)
+    load_before = os.getloadavg()
+    base = load(CONFIG, MoEConfig, SHAPES[shape])
+    tokens = steps * base.data.seq_len * base.data.batch_size
+    common = [*SHAPES[shape], *schedule_overrides(tokens, args.lr), "train.eval_windows=48",
+              f"optim.expert_lr={args.lr}", f"optim.embedding_lr={args.lr}"]
+    moe_cfg = load(CONFIG, MoEConfig, common)
+    dense_cfg, hidden = dense_twin(moe_cfg, CONFIG, common)
+    if not (moe_cfg.data.mixture.out_dir / "mixture.json").exists():
+        prepare_mixture(moe_cfg.data.mixture)
+    print(f"shape {shape}: {steps} steps x {base.data.seq_len * base.data.batch_size} tokens; dense twin hidden "
+          f"{hidden}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        runs_root = args.runs_dir or Path(tmp)
+        results = {"moe": train_curve(moe_cfg, runs_root, eval_every),
+                   "dense": train_curve(dense_cfg, runs_root, eval_every)}
+    facts = machine("cpu")
+    facts["load_avg_before"] = [round(x, 2) for x in load_before]
+    facts["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    moe, dense = results["moe"], results["dense"]
+    detail = {"shape": shape, "shape_overrides": SHAPES[shape], "steps": steps, "tokens": moe["tokens"],
+              "dense_hidden": hidden, "lr": args.lr,
+              "moe": {k: v for k, v in moe.items() if k != "name"},
+              "dense": {k: v for k, v in dense.items() if k != "name"}}
+    records = []
+    for metric, key, unit in (("val_loss", "val_loss", "nats/token"), ("val_bpb", "val_bpb", "bits/byte")):
+        rec = make_record(f"moe_vs_dense_{shape}", metric, moe["curve"][-1][key], unit, "dense equal-active",
+                          dense["curve"][-1][key], higher_is_better=False, machine_facts=facts)
+        rec["detail"] = detail
+        records.append(rec)
+    write_results("moe_vs_dense", records, args.results_dir)
+    if not args.quick or args.plot is not None:
+        path = args.plot or PLOT
+        plot(results, path, f"moonlet-cpu layout, shape '{shape}', {moe['tokens'] / 1e6:.2f}M tokens, "
+                            f"equal active params ({moe['active_params'] / 1e6:.2f}M)")
+        print(f"plot: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""The `cambium` command: every command and option is described, and a user's config mistake is one clear line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer.main
+from typer.testing import CliRunner
+
+from cambium.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def walk(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    # typer builds on its own copy of click, so duck typing rather than isinstance(click.Group).
+    out = [(path, cmd)]
+    if hasattr(cmd, "commands"):
+        for name, sub in sorted(cmd.commands.items()):
+            out += walk(sub, (*path, name))
+    return out
+
+
+COMMANDS = walk(typer.main.get_command(app))
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=lambda x: " ".join(x) if isinstance(x, tuple) else "")
+def test_every_command_and_option_is_described(path: tuple[str, ...], cmd: Any) -> None:
+    assert (cmd.help or "").strip(), f"cambium {' '.join(path)} has no description"
+    for param in cmd.params:
+        if param.param_type_name == "option" and param.name != "help":
+            assert (param.help or "").strip(), f"cambium {' '.join(path)} {param.opts[0]} has no help text"
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "needle"),
+    [
+        ("top_k = 2", "topk = 2", "model.moe.topk: unknown key (did you mean 'top_k'?"),
+        ("dim = 64", 'dim = "wide"', 'model.dim="wide": Input should be a valid integer'),
+        ("top_k = 2", "top_k = 99", "top_k=99 must be <= n_routed_experts=8"),
+        ("[train]\n", "[train]\nlog_every = 0\n", "train.log_every=0: Input should be greater than or equal to 1"),
+        ("dim = 64", "dim = -3", "model.dim=-3: Input should be greater than or equal to 2"),
+    ],
+)
+def test_a_config_mistake_is_one_line_and_a_nonzero_exit(tmp_path: Path, old: str, new: str, needle: str) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text((REPO / "configs" / "moe" / "tiny.toml").read_text().replace(old, new, 1))
+    proc = subprocess.run([sys.executable, "-m", "cambium.cli", "moe", "train", "--config", str(bad)],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {bad}: ") and needle in lines[0], proc.stderr
+
+
+def test_an_override_mistake_names_the_override(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "cambium.cli", "config", "show", "configs/moe/tiny.toml",
+                           "--set", "model.moe.topk=3"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: override model.moe.topk: unknown key")
+    assert "did you mean 'top_k'" in proc.stderr
