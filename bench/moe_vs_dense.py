@@ -8,6 +8,8 @@ parameter count (input embedding and output head excluded) equals the MoE model'
 `cambium.moe.train.Trainer` with the same seed, data order, WSD schedule (5 % warmup, 20 % 1-sqrt decay, by tokens)
 and token budget, and evaluated on the same validation windows. Cases:
 
+Validation: `windows` held-out windows of T+1 tokens per dataset (24; 8 with --quick), the same for both models.
+
 - `val_loss` (nats/token): value = MoE final validation loss, reference = dense; ratio = dense / MoE (> 1: MoE wins).
 - `val_bpb` (bits/byte): the same in bits per UTF-8 byte.
 
@@ -26,6 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from bench.common import machine, make_record, parse_args, write_results
 from cambium.core.config import load
 from cambium.core.runs import create_run
@@ -37,6 +41,12 @@ from cambium.moe.train import Trainer
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "moe" / "moonlet-cpu.toml"
 PLOT = ROOT / "docs" / "img" / "moe_vs_dense.png"
+
+# The trainer gives Muon to 2-D dense matrices and AdamW to routed experts, so the dense twin's whole feed-forward
+# gets Muon while the MoE's routed experts do not: "adamw" (optim.muon=false for both) removes that confound.
+OPTIM_OVERRIDES: dict[str, list[str]] = {"muon": ["optim.muon=true"], "adamw": ["optim.muon=false"]}
+OPTIM_TITLES = {"muon": "as configured: Muon for dense matrices, AdamW for routed experts",
+                "adamw": "AdamW for every parameter (optim.muon=false)"}
 
 # Shape overrides applied to both models (moonlet-cpu's layout: 4 layers, 1 dense + 3 MoE, 16 experts top-4 + 1
 # shared, MLA), shrunk in width and context.
@@ -91,7 +101,8 @@ def train_curve(cfg: MoEConfig, runs_root: Path, eval_every: int) -> dict[str, A
                 curve.append({"step": trainer.step, "tokens": trainer.tokens, "val_loss": ev["val/loss"],
                               "val_bpb": ev["val/bpb"]})
                 print(f"  {cfg.name} step {trainer.step}/{trainer.total_steps} train {values['lm_loss']:.3f} "
-                      f"val {ev['val/loss']:.3f} ({ev['val/bpb']:.3f} bpb)", flush=True)
+                      f"val {ev['val/loss']:.3f} ({ev['val/bpb']:.3f} bpb) {time.perf_counter() - start:.0f} s",
+                      flush=True)
         seconds = time.perf_counter() - start
         trainer.metrics.close()
         run.finish("finished", summary={"val/loss": curve[-1]["val_loss"]})
@@ -102,22 +113,26 @@ def train_curve(cfg: MoEConfig, runs_root: Path, eval_every: int) -> dict[str, A
             "total_params": model.num_params(embeddings=False)}
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
+def plot(results: dict[str, dict[str, dict[str, Any]]], path: Path, title: str) -> None:
+    """One panel per optimiser setting: validation loss against tokens for the MoE model and its dense twin."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for label, res in results.items():
-        tokens = [p["tokens"] / 1e6 for p in res["curve"]]
-        ax.plot(tokens, [p["val_loss"] for p in res["curve"]], marker="o", ms=3,
-                label=f"{label}: {res['active_params'] / 1e6:.2f}M active / {res['total_params'] / 1e6:.2f}M total")
-    ax.set_xlabel("training tokens (millions)")
-    ax.set_ylabel("validation loss (nats/token)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(1, len(results), figsize=(6.2 * len(results), 4.2), dpi=110, squeeze=False,
+                             sharey=True)
+    for ax, (optim, pair) in zip(axes[0], results.items(), strict=True):
+        for label, res in pair.items():
+            tokens = [p["tokens"] / 1e6 for p in res["curve"]]
+            ax.plot(tokens, [p["val_loss"] for p in res["curve"]], marker="o", ms=3,
+                    label=f"{label}: {res['active_params'] / 1e6:.2f}M active / {res['total_params'] / 1e6:.2f}M")
+        ax.set_title(OPTIM_TITLES[optim], fontsize=9)
+        ax.set_xlabel("training tokens (millions)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("validation loss (nats/token)")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -128,7 +143,10 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="shape overrides (default: small)")
     parser.add_argument("--steps", type=int, default=None, help="optimiser steps (same for both models)")
     parser.add_argument("--eval-every", type=int, default=None, help="validation every this many steps")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's; 1 on a busy box)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate of every group")
+    parser.add_argument("--optim", nargs="+", choices=sorted(OPTIM_TITLES), default=None,
+                        help="optimiser settings to compare under (default: muon adamw; --quick: muon)")
     parser.add_argument("--plot", type=Path, default=None, help=f"curve PNG (default {PLOT}; not written by --quick)")
     parser.add_argument("--runs-dir", type=Path, default=None, help="run registry (default: a temporary directory)")
 
@@ -136,44 +154,54 @@ def _extra(parser: argparse.ArgumentParser) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args("MoE vs dense at equal active parameters and tokens", argv, _extra)
     shape = args.shape or ("quick" if args.quick else "small")
-    steps = args.steps or (15 if args.quick else 240)
-    eval_every = args.eval_every or (5 if args.quick else 20)
+    steps = args.steps or (10 if args.quick else 150)
+    eval_every = args.eval_every or (5 if args.quick else 25)
+    windows = 8 if args.quick else 24
     load_before = os.getloadavg()
     base = load(CONFIG, MoEConfig, SHAPES[shape])
     tokens = steps * base.data.seq_len * base.data.batch_size
-    common = [*SHAPES[shape], *schedule_overrides(tokens, args.lr), "train.eval_windows=48",
+    common = [*SHAPES[shape], *schedule_overrides(tokens, args.lr), f"train.eval_windows={windows}",
               f"optim.expert_lr={args.lr}", f"optim.embedding_lr={args.lr}"]
-    moe_cfg = load(CONFIG, MoEConfig, common)
-    dense_cfg, hidden = dense_twin(moe_cfg, CONFIG, common)
-    if not (moe_cfg.data.mixture.out_dir / "mixture.json").exists():
-        prepare_mixture(moe_cfg.data.mixture)
-    print(f"shape {shape}: {steps} steps x {base.data.seq_len * base.data.batch_size} tokens; dense twin hidden "
-          f"{hidden}", flush=True)
+    if args.threads:
+        common.append(f"train.threads={args.threads}")
+    optims = args.optim or (["muon"] if args.quick else ["muon", "adamw"])
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    hidden = 0
     with tempfile.TemporaryDirectory() as tmp:
         runs_root = args.runs_dir or Path(tmp)
-        results = {"moe": train_curve(moe_cfg, runs_root, eval_every),
-                   "dense": train_curve(dense_cfg, runs_root, eval_every)}
+        for optim in optims:
+            overrides = [*common, *OPTIM_OVERRIDES[optim]]
+            moe_cfg = load(CONFIG, MoEConfig, overrides)
+            dense_cfg, hidden = dense_twin(moe_cfg, CONFIG, overrides)
+            if not (moe_cfg.data.mixture.out_dir / "mixture.json").exists():
+                prepare_mixture(moe_cfg.data.mixture)
+            print(f"shape {shape}, optimiser {optim}: {steps} steps x {base.data.seq_len * base.data.batch_size} "
+                  f"tokens; dense twin hidden {hidden}", flush=True)
+            results[optim] = {"moe": train_curve(moe_cfg, runs_root, eval_every),
+                              "dense": train_curve(dense_cfg, runs_root, eval_every)}
     facts = machine("cpu")
     facts["load_avg_before"] = [round(x, 2) for x in load_before]
     facts["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-    moe, dense = results["moe"], results["dense"]
-    detail = {"shape": shape, "shape_overrides": SHAPES[shape], "steps": steps, "tokens": moe["tokens"],
-              "dense_hidden": hidden, "lr": args.lr,
-              "moe": {k: v for k, v in moe.items() if k != "name"},
-              "dense": {k: v for k, v in dense.items() if k != "name"}}
     records = []
-    for metric, key, unit in (("val_loss", "val_loss", "nats/token"), ("val_bpb", "val_bpb", "bits/byte")):
-        rec = make_record(f"moe_vs_dense_{shape}", metric, moe["curve"][-1][key], unit, "dense equal-active",
-                          dense["curve"][-1][key], higher_is_better=False, machine_facts=facts)
-        rec["detail"] = detail
-        records.append(rec)
+    for optim, pair in results.items():
+        moe, dense = pair["moe"], pair["dense"]
+        detail = {"shape": shape, "optim": optim, "threads": torch.get_num_threads(),
+                  "shape_overrides": SHAPES[shape], "steps": steps, "tokens": moe["tokens"], "dense_hidden": hidden,
+                  "lr": args.lr, "moe": {k: v for k, v in moe.items() if k != "name"},
+                  "dense": {k: v for k, v in dense.items() if k != "name"}}
+        for metric, unit in (("val_loss", "nats/token"), ("val_bpb", "bits/byte")):
+            rec = make_record(f"moe_vs_dense_{shape}_{optim}", metric, moe["curve"][-1][metric], unit,
+                              "dense equal-active", dense["curve"][-1][metric], higher_is_better=False,
+                              machine_facts=facts)
+            rec["detail"] = detail
+            records.append(rec)
     write_results("moe_vs_dense", records, args.results_dir)
     if not args.quick or args.plot is not None:
         path = args.plot or PLOT
-        plot(results, path, f"moonlet-cpu layout, shape '{shape}', {moe['tokens'] / 1e6:.2f}M tokens, "
-                            f"equal active params ({moe['active_params'] / 1e6:.2f}M)")
+        first = next(iter(results.values()))["moe"]
+        plot(results, path, f"MoE vs dense twin, equal active params ({first['active_params'] / 1e6:.2f}M), "
+                            f"moonlet-cpu layout at shape '{shape}', {first['tokens'] / 1e6:.2f}M tokens")
         print(f"plot: {path}")
-
 
 if __name__ == "__main__":
     main()

@@ -157,7 +157,7 @@ def test_unsafe_pickle_is_refused_even_with_matching_hash(tmp_path: Path) -> Non
     path = save_checkpoint(tmp_path, 1, {"model": model})
     torch.save({"module": nn.Linear(1, 1)}, path / "model.pt")  # a pickled class, not plain tensors
     meta = json.loads((path / "meta.json").read_text())
-    from cambium.core.checkpoint import _sha256
+    from cambium.core.files import file_sha256 as _sha256
 
     meta["files"]["model.pt"] = {"bytes": (path / "model.pt").stat().st_size, "sha256": _sha256(path / "model.pt")}
     (path / "meta.json").write_text(json.dumps(meta))

@@ -64,3 +64,15 @@ def test_text_formats(tmp_path: Path) -> None:
     p.write_bytes(b"\xff\xfe")
     with pytest.raises(DataError, match="not UTF-8"):
         list(read_documents(p, "text"))
+
+
+def test_hf_dataset_from_a_local_directory(tmp_path: Path) -> None:
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["first doc", "second doc"], "n": [1, 2]})}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    assert list(read_documents(tmp_path / "ds", "hf")) == ["first doc", "second doc"]
+    with pytest.raises(DataError, match="no column 'body'"):
+        list(read_documents(tmp_path / "ds", "hf", text_field="body"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"not a dataset saved with datasets\.save_to_disk"):
+        list(read_documents(tmp_path / "empty", "hf"))

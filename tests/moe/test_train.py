@@ -13,7 +13,7 @@ from cambium.core.testing import check_exact_resume
 from cambium.data.mixture import prepare_mixture
 from cambium.moe.config import MoEConfig
 from cambium.moe.sample import sample_text
-from cambium.moe.train import build_optim, flops_per_token, train
+from cambium.moe.train import build_optim, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "moe" / "tiny.toml"
@@ -68,8 +68,6 @@ def test_param_groups_split_by_kind(mixture_dir: Path) -> None:
     assert all(model.get_parameter(n).ndim == 2 for n in names["dense_matrix"])
     assert opt.kinds[[g["name"] for g in opt.param_groups].index("dense_matrix")] == "muon"
     assert sum(len(v) for v in names.values()) == len(list(model.parameters()))
-    fpt = flops_per_token(model, cfg.data.seq_len)
-    assert fpt > 6 * model.num_params(active=True, embeddings=False)
 
 
 def test_sigkill_and_resume_give_bitwise_identical_metrics(mixture_dir: Path, tmp_path: Path) -> None:

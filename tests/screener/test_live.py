@@ -12,11 +12,15 @@ import httpx
 
 from cambium.core.config import load
 from cambium.market.binance import route_usdm
+from cambium.market.binance_rest import RestClient
 from cambium.market.captures import iter_hftbacktest
 from cambium.market.config import WsConfig
 from cambium.market.replay_server import ReplayServer
 from cambium.screener.cli import run_with_status
 from cambium.screener.config import ScreenerConfig
+from cambium.screener.live import LiveResult, run_live
+from cambium.screener.observability import ScreenerMetrics
+from cambium.screener.replay import Session
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "screener" / "sample-replay.toml"
@@ -29,22 +33,24 @@ def test_live_path_serves_status_page_and_metrics() -> None:
     # The replay server sends stream frames only, not the capture's inline REST depth snapshot, so the L2 books never
     # sync and impact comes from the top of book: a small clip keeps it known. The first minutes are the calmest,
     # so the entry bar is lowered too.
+    # At 20× a tenth of a second of wall-clock lag between the two connections is 2 s of exchange time: the clock
+    # tolerates 20 s of skew here, as it tolerates 1 s of lag in real time.
     cfg = load(CONFIG, ScreenerConfig, ["ranker.enter_threshold=0.002", "ranker.exit_threshold=0.001",
-                                        "features.clip_notional=1000"])
+                                        "features.clip_notional=1000", "features.max_skew_ms=20000"])
 
     seen_top: list[list[dict[str, object]]] = []
+    pages: list[str] = []
     done = threading.Event()
 
     def poll(url: str) -> None:
         def loop() -> None:
             while not done.is_set():
                 try:
-                    page = httpx.get(url + "/", timeout=10).text
+                    pages.append(httpx.get(url + "/", timeout=10).text)
                     top = httpx.get(url + "/api/status", timeout=10).json()["top"]
                 except httpx.ConnectError:
                     return  # the run ended and the page closed
                 if top:
-                    assert all(row["symbol"] in page for row in top)
                     seen_top.append(top)
                 done.wait(0.3)
         threading.Thread(target=loop, daemon=True).start()
@@ -63,7 +69,8 @@ def test_live_path_serves_status_page_and_metrics() -> None:
     shards = status["shards"]
     assert isinstance(shards, list) and {s["endpoint"] for s in shards} == {"public", "market"}
     assert sum(s["frames"] for s in shards) == served  # every served frame arrived
-    assert seen_top, "the status page never showed a listed symbol during the run"
+    assert seen_top, "the status API never showed a listed symbol during the run"
+    assert any("<td>ETHUSDT</td>" in page or "<td>BTCUSDT</td>" in page for page in pages)
     assert all(0 <= float(row["score"]) <= 1 for top in seen_top for row in top)  # type: ignore[arg-type]
     assert isinstance(status["p95_latency_ms"], float)
     text = status["metrics"]
@@ -73,3 +80,39 @@ def test_live_path_serves_status_page_and_metrics() -> None:
                  "cambium_screener_stale_ms", "cambium_screener_event_lag_seconds", "cambium_screener_incidents_total",
                  "cambium_screener_dropped_events_total", "cambium_screener_messages_per_second"):
         assert name in text, name
+
+
+def test_rest_depth_snapshots_sync_the_live_books() -> None:
+    """The capture's own REST snapshots, served by a mock REST transport, sync the L2 books of the live path."""
+    bodies = {}
+    for path in CAPTURES:
+        for rec in iter_hftbacktest(path):
+            if rec.frame.startswith('{"lastUpdateId"'):
+                bodies[path.name[:7].upper()] = rec.frame
+                break
+    requested: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/fapi/v1/depth" and request.url.params["limit"] == "1000"
+        symbol = request.url.params["symbol"]
+        requested.append(symbol)
+        return httpx.Response(200, text=bodies[symbol], headers={"X-MBX-USED-WEIGHT-1M": "20"})
+
+    records = list(itertools.islice(heapq.merge(*(iter_hftbacktest(p) for p in CAPTURES), key=lambda r: r.recv_ns),
+                                    30_000))
+    cfg = load(CONFIG, ScreenerConfig, ["live.depth_snapshots=true", "features.max_skew_ms=20000"])
+    session = Session(cfg)
+    client = RestClient("futures", transport=httpx.MockTransport(handler))
+
+    async def run() -> LiveResult:
+        async with ReplayServer(records, speed=20.0, serves=lambda ep, s: route_usdm(s) == ep) as srv:
+            ws = WsConfig(futures_public_url=srv.url("public"), futures_market_url=srv.url("market"))
+            return await run_live(cfg, ws, session, ScreenerMetrics(), max_events=len(srv.frames), duration_s=120,
+                                  rest=client)
+
+    result = asyncio.run(run())
+    assert sorted(requested) == ["BTCUSDT", "ETHUSDT"] and result.snapshots == 2 and result.snapshot_errors == 0
+    for symbol in ("BTCUSDT", "ETHUSDT"):
+        book = session.engine.symbols[symbol].book
+        assert book.synced and book.gaps == 0, symbol
+    assert session.latest["BTCUSDT"].features["impact_bps"] is not None

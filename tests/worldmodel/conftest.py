@@ -1,14 +1,13 @@
-"""Real candles for the world-model tests, parsed with csv/gzip (the market candle store will replace this)."""
+"""Real candles for the world-model tests, read with the market importer (validated like the pipeline's store)."""
 
 from __future__ import annotations
 
-import csv
-import gzip
 from pathlib import Path
 
 import pytest
 import torch
 
+from cambium.market.importers import read_kline_file
 from cambium.worldmodel.features import CandleBatch
 from cambium.worldmodel.training import CandleSeries
 
@@ -19,12 +18,12 @@ KLINES = Path(__file__).resolve().parents[2] / "data" / "samples" / "market" / "
 
 def read_klines(path: Path) -> CandleSeries:
     """A klines_1h_futures file -> CandleSeries; the last row (probably a still-forming candle) is dropped."""
-    with gzip.open(path, "rt", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:-1]
-    ohlcv = torch.tensor(
-        [[float(r[k]) for k in ("open", "high", "low", "close", "volume")] for r in rows], dtype=torch.float64
-    )
-    times = torch.tensor([int(r["timestamp"]) for r in rows], dtype=torch.int64)
+    table = read_kline_file(path, interval="1h").table
+    table = table.slice(0, table.num_rows - 1)
+    ohlcv = torch.stack(
+        [torch.from_numpy(table.column(k).to_numpy()) for k in ("open", "high", "low", "close", "volume")], dim=-1
+    ).double()
+    times = torch.from_numpy(table.column("open_time").to_numpy().copy()).long()
     return CandleSeries(path.name.removesuffix(".csv.gz"), ohlcv, times)
 
 

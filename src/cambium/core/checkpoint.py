@@ -16,7 +16,6 @@ numpy RNG arrays are stored as lists of ints, never pickled objects.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -34,6 +33,7 @@ import psutil
 import torch
 
 from cambium.core.errors import CheckpointError
+from cambium.core.files import file_sha256
 
 __all__ = [
     "Checkpoint",
@@ -210,7 +210,7 @@ def verify_checkpoint(path: str | Path, *, hashes: bool = True) -> dict[str, Any
         size = file.stat().st_size
         if size != info["bytes"]:
             raise CheckpointError(f"checkpoint {path}: file {name} has {size} bytes, {META_FILE} says {info['bytes']}")
-        if hashes and _sha256(file) != info["sha256"]:
+        if hashes and file_sha256(file) != info["sha256"]:
             raise CheckpointError(f"checkpoint {path}: file {name} does not match its sha256 in {META_FILE} "
                                   "(corrupted); resume from an earlier checkpoint")
     return meta
@@ -330,18 +330,10 @@ def _remove_stale_temps(directory: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _fsync_and_describe(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         os.fsync(f.fileno())
-    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _fsync_dir(path: Path) -> None:

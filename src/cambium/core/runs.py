@@ -18,7 +18,6 @@ replace it without touching callers. A run killed with SIGKILL cannot mark itsel
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -44,6 +43,7 @@ from pydantic import BaseModel
 
 from cambium.core.config import fingerprint, to_toml
 from cambium.core.errors import DataError, RunError
+from cambium.core.files import file_sha256
 
 __all__ = [
     "REGISTRY_FILE",
@@ -466,11 +466,7 @@ def _write_text(path: Path, text: str) -> None:
 def _describe_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"data file {str(path)!r} does not exist; cannot record its hash in the run provenance")
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _git_state(where: Path | None = None) -> dict[str, Any]:

@@ -24,13 +24,14 @@ def read_documents(path: Path, fmt: TextFormat, text_field: str = "text") -> Ite
 
     text: the whole file is one document. paragraphs: documents separated by blank lines. jsonl: one JSON object per
     line, the document in `text_field`. hf: a dataset saved with `datasets.save_to_disk` (a directory), column
-    `text_field` of its train split (or of the dataset itself).
+    `text_field` of its train split (or of the dataset itself); a path that does not exist locally is taken as a
+    hub dataset name (`owner/name`), which needs network access.
     """
-    if not path.exists():
-        raise DataError(f"dataset path {str(path)!r} does not exist")
     if fmt == "hf":
         yield from _read_hf(path, text_field)
         return
+    if not path.exists():
+        raise DataError(f"dataset path {str(path)!r} does not exist")
     if not path.is_file():
         raise DataError(f"dataset path {str(path)!r} is a directory; format {fmt!r} reads one file")
     try:
@@ -79,10 +80,17 @@ def _read_hf(path: Path, field: str) -> Iterator[str]:
         import datasets
     except ImportError:
         raise DataError("format 'hf' needs the `datasets` package: pip install 'cambium[hf]'") from None
-    try:
-        ds = datasets.load_from_disk(str(path))
-    except (FileNotFoundError, ValueError) as exc:
-        raise DataError(f"{path}: not a dataset saved with datasets.save_to_disk ({exc})") from None
+    if path.exists():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise DataError(f"{path}: not a dataset saved with datasets.save_to_disk ({exc})") from None
+    else:
+        try:
+            ds = datasets.load_dataset(str(path), split="train")
+        except Exception as exc:  # the hub client raises many kinds (offline, missing, gated)
+            raise DataError(f"{str(path)!r} is not a local dataset directory and could not be loaded from the "
+                            f"hub ({type(exc).__name__}: {exc})") from None
     if isinstance(ds, datasets.DatasetDict):
         if "train" not in ds:
             raise DataError(f"{path}: dataset dict has no 'train' split (splits: {list(ds)})")

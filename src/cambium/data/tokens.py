@@ -10,7 +10,6 @@ manifests (no timestamps) and a corrupted shard is caught by `TokenShards(..., v
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from cambium.core.errors import DataError
+from cambium.core.files import file_sha256
 
 FORMAT = "cambium-token-shards/1"
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -29,14 +29,6 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 def dtype_for_vocab(vocab_size: int) -> str:
     return "uint16" if vocab_size <= 1 << 16 else "uint32"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from cambium.core.testing import ProgressReporter
 from cambium.data.mixture import MixtureLoader, eval_windows, load_tokenizer, read_mixture
 from cambium.data.tokens import TokenShards
 from cambium.moe.config import MoEConfig
-from cambium.moe.model import MoETransformer, lm_loss
+from cambium.moe.model import MoETransformer, flops_per_token, lm_loss
 from cambium.nn.moe import bias_gamma
 
 log = get_logger("cambium.moe.train")
@@ -67,21 +67,6 @@ def build_optim(cfg: MoEConfig, model: MoETransformer) -> MuonWithAdamW:
         "dense_other": lambda n, p: kind(n) == "dense" and p.ndim != 2,
     }
     return build_optimizer(model, specs, predicates, allow_empty=True)
-
-
-def flops_per_token(model: MoETransformer, seq_len: int) -> float:
-    """Training FLOPs per token: 6 × (active matmul parameters, output head included, input embedding excluded)
-    + the attention scores and mixing, 6 × layers × T × heads × (qk width + v width) / 2 for the causal half."""
-    cfg = model.cfg
-    matmul = model.num_params(active=True, embeddings=False) + cfg.vocab_size * cfg.dim
-    a = cfg.attention
-    if a.kind == "mla":
-        qk, v = a.qk_nope_head_dim + a.qk_rope_head_dim, a.v_head_dim
-    else:
-        qk = v = a.head_dim or cfg.dim // a.n_heads
-    window = min(seq_len, a.window or seq_len)
-    attention = 6 * cfg.n_layers * window * a.n_heads * (qk + v) / 2
-    return 6.0 * matmul + attention
 
 
 @dataclass

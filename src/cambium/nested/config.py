@@ -97,6 +97,10 @@ class ContextConfig(ConfigModel):
     )
     seq_len: int = Field(256, description="tokens per step and stream T", ge=2)
     batch_size: int = Field(4, description="parallel streams per step", ge=1)
+    carry_memory: bool = Field(
+        True, description="carry each lane's memory state across chunks (context memory); false restarts every chunk "
+        "from the learned initial memory (an ablation: the memory then sees only its chunk)"
+    )
 
 
 class BuildConfig(ConfigModel):
@@ -114,6 +118,12 @@ class BuildConfig(ConfigModel):
     log_every: int = Field(10, description="steps between metric rows", ge=1)
     checkpoint_every: int = Field(100, description="steps between checkpoints", ge=1)
     eval_every: int = Field(100, description="steps between held-out evaluations", ge=1)
+    eval_chunks: int | None = Field(
+        None, description="chunks of the val stream per evaluation during a build (None: the whole val split)", ge=1
+    )
+    keep_checkpoints: int = Field(3, description="checkpoints kept (older ones are deleted)", ge=1)
+    threads: int = Field(0, description="torch intra-op threads (0: torch's default; 1 for bitwise-reproducible "
+                         "runs under any load)", ge=0)
 
     @model_validator(mode="after")
     def _warmup(self) -> BuildConfig:
@@ -125,6 +135,7 @@ class BuildConfig(ConfigModel):
 class NestedConfig(ConfigModel):
     """Root config of `cambium nested build|eval`."""
 
+    name: str = Field("nested", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (part of the run id)")
     model: ModelConfig = Field(description="model shape and composition")
     cms: CMSConfig = Field(default_factory=CMSConfig, description="continuous memory system levels")
     context: ContextConfig = Field(default_factory=ContextConfig, description="the token stream")

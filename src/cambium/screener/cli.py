@@ -137,7 +137,10 @@ def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> None:
     for path in [SAMPLE_CONFIG, *SAMPLE_CAPTURES]:
         if not path.is_file():
             raise DataError(f"{path} not found: run the demo from the repository root")
-    cfg = load(SAMPLE_CONFIG, ScreenerConfig, ["notify.terminal.enabled=true"])
+    # Paced at `speed`× recorded time, one second of wall-clock lag between the two connections is `speed` seconds of
+    # exchange time: the clock's skew tolerance scales with it.
+    cfg = load(SAMPLE_CONFIG, ScreenerConfig,
+               ["notify.terminal.enabled=true", f"features.max_skew_ms={int(speed * 1000)}"])
     records = list(heapq.merge(*(iter_hftbacktest(p) for p in SAMPLE_CAPTURES), key=lambda r: r.recv_ns))
 
     async def serve_and_watch() -> dict[str, object]:

@@ -265,6 +265,9 @@ class LiveConfig(ConfigModel):
     trade_stream: Literal["trade", "aggTrade"] = Field("aggTrade", description="Stream carrying trades.")
     depth_stream: Literal["depth@100ms", "depth@0ms", "depth"] = Field("depth@100ms", description="Depth diffs.")
     status_port: int = Field(0, ge=0, le=65535, description="Status page port on 127.0.0.1 (0 = any free port).")
+    depth_snapshots: bool = Field(True, description="Fetch a REST depth snapshot per symbol at start so the local "
+                                  "L2 books sync (needs the REST endpoint; off for the offline demo).")
+    depth_limit: Literal[100, 500, 1000] = Field(1000, description="Levels per side of each REST depth snapshot.")
 
     def streams(self, kinds: tuple[str, ...]) -> list[str]:
         """Stream names for the feature streams `kinds` (bookTicker, trade, depth) of every symbol."""

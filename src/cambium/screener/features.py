@@ -20,8 +20,9 @@ mid, i.e. the mid of the last bookTicker at or before b_i):
     regime_vol       realized_vol_60s / realized_vol_5m;  regime_trend  |ret_bps_5m| / (realized_vol_5m + 1e-9)
     impact_bps       the worse side's cost of a market order of `clip_notional` through the local L2 book (or the
                      top of book when the L2 book is not in sync and the clip fits in the best levels)
-Trades and depth that arrive before a symbol's first quote are dropped. `features_offline.py` computes the same
-numbers with array operations over a whole recording; a test holds the two equal.
+Trades that arrive before a symbol's first quote are dropped (the L2 book takes every depth event).
+`features_offline.py` computes the same numbers with array operations over a whole recording; a test holds the two
+equal.
 """
 
 from __future__ import annotations
@@ -97,12 +98,13 @@ class SymbolState:
                 self.high = self.mid if math.isnan(self.high) else max(self.high, self.mid)
                 self.low = self.mid if math.isnan(self.low) else min(self.low, self.mid)
                 self.seen.add("bookTicker")
-            elif self.has_quote and kind == "snapshot":
+            elif kind == "snapshot":
                 self.book.apply_snapshot(p["bids"], p["asks"], p["last_update_id"])
-            elif self.has_quote and kind == "diff":
+            elif kind == "diff":
                 self.book.apply_diff(p["bids"], p["asks"], p["first_update_id"], p["last_update_id"],
                                      p.get("prev_update_id"))
-                self.seen.add("depth")
+                if self.has_quote:
+                    self.seen.add("depth")
             if self.has_quote:
                 self.last_book_ts = ev.ts
         elif ev.type == "trade" and self.has_quote:

@@ -116,8 +116,8 @@ def _symbol(symbol: str, idx: list[int], events: Sequence[MarketEvent], ts: np.n
     last_trade = np.searchsorted(trade_bar, grid, side="right") - 1
     diffs = [i for i in books if events[i].payload.get("kind") == "diff"]
     first_diff_bar = int(bar[diffs[0]]) if diffs else None
-    impact = _impacts([i for i in books if events[i].payload.get("kind") in ("snapshot", "diff")], events, bar, grid,
-                      close, quote[k], cfg.clip_notional)
+    depth = [i for i in idx if events[i].type == "book" and events[i].payload.get("kind") in ("snapshot", "diff")]
+    impact = _impacts(depth, events, bar, grid, close, quote[k], cfg.clip_notional)
     first_ts = int(ts[idx[0]])
 
     out = []

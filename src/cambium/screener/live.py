@@ -2,23 +2,42 @@
 
 Read-only: nothing here can place an order. Every event is stamped on receipt by the connector; after the session
 has taken it (features, and on a cadence tick model → score → rank) the frame→decision latency is recorded.
+
+The local L2 books need one REST depth snapshot per symbol (the websocket sends diffs only). They are fetched in a
+worker thread once the streams are open, paced by the REST client's weight tracking, and enter the session as book
+events of kind "snapshot"; the books buffer the diffs that arrive before their snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
+from cambium.core.errors import CambiumError
 from cambium.market.binance import binance_usdm_venue
+from cambium.market.binance_rest import RestClient
 from cambium.market.config import WsConfig
 from cambium.market.connector import Connector, ShardStats
+from cambium.market.events import MarketEvent
 from cambium.screener.config import ScreenerConfig
 from cambium.screener.observability import ScreenerMetrics
 from cambium.screener.replay import Session
+from cambium.screener.sources import depth_snapshot_event
 
-__all__ = ["LiveResult", "run_live"]
+__all__ = ["LiveResult", "fetch_depth_snapshot", "run_live"]
+
+log = logging.getLogger("cambium.screener.live")
+
+# /fapi/v1/depth request weight by limit (Binance USDⓈ-M docs).
+DEPTH_WEIGHT = {100: 5, 500: 10, 1000: 20}
+
+
+def fetch_depth_snapshot(client: RestClient, symbol: str, limit: int) -> MarketEvent:
+    body = client.get("/depth", {"symbol": symbol, "limit": limit}, weight=DEPTH_WEIGHT[limit])
+    return depth_snapshot_event(body, symbol, time.time_ns(), "binance_usdm")
 
 
 @dataclass
@@ -26,29 +45,50 @@ class LiveResult:
     events: int
     rank_events: int
     shards: list[ShardStats]
+    snapshots: int = 0
+    snapshot_errors: int = 0
 
 
 async def run_live(cfg: ScreenerConfig, ws: WsConfig, session: Session, metrics: ScreenerMetrics, *,
                    connector: list[Connector] | None = None, max_events: int | None = None,
-                   duration_s: float | None = None) -> LiveResult:
-    """Run until `max_events` events, `duration_s` seconds, or cancellation. `connector`, if given, receives the
-    Connector as soon as it exists (the status page reads its shard counters)."""
+                   duration_s: float | None = None, rest: RestClient | None = None) -> LiveResult:
+    """Run until `max_events` stream events, `duration_s` seconds, or cancellation. `connector`, if given, receives the
+    Connector as soon as it exists (the status page reads its shard counters). With `live.depth_snapshots`, `rest`
+    (default: a futures RestClient) fetches the depth snapshots."""
     conn = Connector(binance_usdm_venue(ws), cfg.live.streams(cfg.features.streams), ws)
     if connector is not None:
         connector.append(conn)
-    n = rank_events = 0
+    result = LiveResult(0, 0, [])
+    snapshots: asyncio.Queue[MarketEvent] = asyncio.Queue()
+
+    def fetch_all(client: RestClient) -> None:
+        for symbol in cfg.live.symbols:
+            try:
+                snapshots.put_nowait(fetch_depth_snapshot(client, symbol, cfg.live.depth_limit))
+            except (CambiumError, KeyError, TypeError, ValueError) as exc:
+                result.snapshot_errors += 1
+                log.warning("depth snapshot of %s failed: %s", symbol, exc)
 
     async def pump() -> None:
-        nonlocal n, rank_events
         async for ev in conn.events():
-            rank_events += len(session.on_event(ev))
+            while not snapshots.empty():
+                result.rank_events += len(session.on_event(snapshots.get_nowait()))
+                result.snapshots += 1
+            result.rank_events += len(session.on_event(ev))
             metrics.observe_event(ev.recv_ts, ev.ts, time.time_ns())
-            n += 1
-            if max_events is not None and n >= max_events:
+            result.events += 1
+            if max_events is not None and result.events >= max_events:
                 return
 
     async with conn:
+        fetcher = None
+        if cfg.live.depth_snapshots:
+            client = rest or RestClient("futures")
+            fetcher = asyncio.create_task(asyncio.to_thread(fetch_all, client))
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(pump(), duration_s)
-    rank_events += len(session.finish())
-    return LiveResult(n, rank_events, conn.stats)
+        if fetcher is not None:
+            fetcher.cancel()
+    result.rank_events += len(session.finish())
+    result.shards = conn.stats
+    return result

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -20,7 +21,7 @@ from cambium.market.captures import iter_hftbacktest
 from cambium.market.events import MarketEvent
 from cambium.market.recorder import Record, read_recording
 
-__all__ = ["DecodeStats", "iter_events", "iter_records"]
+__all__ = ["DecodeStats", "depth_snapshot_event", "iter_events", "iter_records"]
 
 
 @dataclass
@@ -46,17 +47,20 @@ def _file_symbol(path: Path) -> str | None:
     return match.group(1).upper() if match else None
 
 
+def depth_snapshot_event(body: dict[str, Any], symbol: str, recv_ns: int, source: str) -> MarketEvent:
+    """A REST `/depth` response as a book event of kind "snapshot" (KeyError/TypeError/ValueError if malformed)."""
+    payload = {"kind": "snapshot", "bids": [[float(p), float(q)] for p, q in body["bids"]],
+               "asks": [[float(p), float(q)] for p, q in body["asks"]], "last_update_id": int(body["lastUpdateId"])}
+    return MarketEvent(int(body.get("E", recv_ns // 1_000_000)), source, symbol, "book", payload, recv_ns)
+
+
 def _rest_snapshot(frame: str, symbol: str | None, recv_ns: int, source: str) -> MarketEvent | None:
     if symbol is None or not frame.startswith('{"lastUpdateId"'):
         return None
     try:
-        d = orjson.loads(frame)
-        payload = {"kind": "snapshot", "bids": [[float(p), float(q)] for p, q in d["bids"]],
-                   "asks": [[float(p), float(q)] for p, q in d["asks"]], "last_update_id": int(d["lastUpdateId"])}
-        ts = int(d.get("E", recv_ns // 1_000_000))
+        return depth_snapshot_event(orjson.loads(frame), symbol, recv_ns, source)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
-    return MarketEvent(ts, source, symbol, "book", payload, recv_ns)
 
 
 def iter_events(path: Path, *, source: str = "binance_usdm", stats: DecodeStats | None = None) -> Iterator[MarketEvent]:

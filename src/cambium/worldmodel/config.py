@@ -47,13 +47,15 @@ class DataConfig(ConfigModel):
 
     klines_glob: str = Field(
         "data/samples/market/klines_1h_futures/*.csv.gz",
-        description="glob of 1 h kline files (Binance /fapi/v1/klines fields), relative to the working directory",
+        description="glob of kline files to import (any format of cambium.market.importers), relative to the working "
+        "directory; empty = import nothing and use what data.store_dir already holds",
     )
     symbols: tuple[str, ...] = Field((), description="import only these symbols (file-name prefixes); empty = all")
     market: Literal["futures", "spot"] = Field("futures", description="market partition of the candle store")
     interval: Literal["1m", "5m", "15m", "1h", "4h"] = Field("1h", description="bar interval of the kline files")
     store_dir: str | None = Field(
-        None, description="candle store root; None = a store inside the run directory (`<run>/store`)"
+        None, description="candle store root; None = a store inside the run directory (`<run>/store`, partitions "
+        "replaced); a configured store is merged into (new bars win) and left otherwise untouched"
     )
     drop_last_bar: bool = Field(
         True, description="drop each file's last row (the committed samples end with a still-forming bar)"
@@ -61,6 +63,12 @@ class DataConfig(ConfigModel):
     min_segment_bars: int = Field(
         64, ge=2, description="contiguous runs of bars (between gaps) shorter than this are left out"
     )
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.klines_glob and self.store_dir is None:
+            raise ValueError("klines_glob is empty and store_dir is not set: give files to import or a store to read")
+        return self
 
 
 class EvalConfig(ConfigModel):

@@ -8,6 +8,7 @@ A symbol's bars are split at every gap into contiguous segments (no bar is inven
 from __future__ import annotations
 
 import glob
+import itertools
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -50,7 +51,9 @@ class ImportReport:
 
 
 def kline_files(cfg: DataConfig) -> list[Path]:
-    """The files of `cfg.klines_glob` (sorted), restricted to `cfg.symbols` when given."""
+    """The files of `cfg.klines_glob` (sorted), restricted to `cfg.symbols` when given; none when the glob is empty."""
+    if not cfg.klines_glob:
+        return []
     paths = sorted(Path(p) for p in glob.glob(cfg.klines_glob))
     if cfg.symbols:
         wanted = {s.upper() for s in cfg.symbols}
@@ -63,10 +66,12 @@ def kline_files(cfg: DataConfig) -> list[Path]:
     return paths
 
 
-def import_candles(cfg: DataConfig, store_root: Path) -> ImportReport:
-    """Validate every kline file and write it to the store (replacing its partition); bad files are counted, skipped.
+def import_candles(cfg: DataConfig, store_root: Path, *, merge: bool = False) -> ImportReport:
+    """Validate every kline file and write it to the store; bad files are counted and skipped, with their reason.
 
-    The partition is replaced rather than merged so that re-running phase 1 gives the same store.
+    Without `merge` a file replaces its partition (re-running phase 1 gives the same store); with it the file's bars
+    are merged into what the store holds. The report covers every partition of the interval afterwards (restricted to
+    `cfg.symbols` when given), so an empty `klines_glob` reads a store as it is.
     """
     store = CandleStore(store_root, cfg.market)
     report = ImportReport(str(store_root), cfg.market, cfg.interval)
@@ -76,15 +81,17 @@ def import_candles(cfg: DataConfig, store_root: Path) -> ImportReport:
             table = imported.table
             if cfg.drop_last_bar and table.num_rows:
                 table = table.slice(0, table.num_rows - 1)
-            info = store.write(imported.symbol, cfg.interval, table)
-            gaps = store.gaps(imported.symbol, cfg.interval)
+            store.write(imported.symbol, cfg.interval, table, merge=merge)
         except CambiumError as exc:
             report.rejected[str(path)] = str(exc)
+    wanted = {s.upper() for s in cfg.symbols}
+    for info in store.ls():
+        if info.interval != cfg.interval or (wanted and info.symbol not in wanted):
             continue
-        report.symbols[imported.symbol] = {
+        gaps = store.gaps(info.symbol, cfg.interval)
+        report.symbols[info.symbol] = {
             "rows": info.rows, "first_open_time": info.first_open_time, "last_open_time": info.last_open_time,
             "gaps": gaps.count, "missing_bars": gaps.missing_bars, "longest_gap_bars": gaps.longest_bars,
-            "source": str(path),
         }
     if not report.symbols:
         raise DataError(f"no kline file could be imported; rejected: {report.rejected}")
@@ -103,7 +110,7 @@ def load_segments(store_root: Path, cfg: DataConfig, symbols: list[str]) -> list
                           for c in ("open", "high", "low", "close", "volume")], axis=1)
         breaks = np.flatnonzero(np.diff(t) != step) + 1
         bounds = [0, *breaks.tolist(), len(t)]
-        pieces = [(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b - a >= cfg.min_segment_bars]
+        pieces = [(a, b) for a, b in itertools.pairwise(bounds) if b - a >= cfg.min_segment_bars]
         for k, (a, b) in enumerate(pieces):
             name = symbol if len(pieces) == 1 else f"{symbol}.{k}"
             out.append(CandleSeries(name, torch.from_numpy(ohlcv[a:b].copy()), torch.from_numpy(t[a:b].copy())))

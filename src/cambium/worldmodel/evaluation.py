@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -182,7 +183,7 @@ def _probe(name: str, x: np.ndarray, data: ProbeData, cfg: EvalConfig) -> ProbeR
                        float(alpha), float(l2))
 
 
-def run_probes(data: ProbeData, cfg: EvalConfig) -> dict[str, object]:
+def run_probes(data: ProbeData, cfg: EvalConfig) -> dict[str, Any]:
     """Probes of the latents and of the raw features; returns the numbers the report and the metrics show."""
     n_train, n_hold = int(data.train.sum()), int(data.holdout.sum())
     if n_train < 10 or n_hold < 10:

@@ -20,8 +20,8 @@ from cambium.worldmodel.jepa import WorldModelJEPA, block_mask, ema_momentum
 from cambium.worldmodel.tokenizer import FSQTokenizer
 
 __all__ = [
-    "CandleSeries", "GeneratorState", "JEPASteps", "TokenizerSteps", "candle_batch_fn", "fit_jepa", "fit_tokenizer", "sample_windows",
-    "tokenize_series",
+    "CandleSeries", "GeneratorState", "JEPASteps", "TokenizerSteps", "candle_batch_fn", "fit_jepa", "fit_tokenizer",
+    "sample_windows", "tokenize_series",
 ]
 
 StepCallback = Callable[[int, dict[str, float]], None]

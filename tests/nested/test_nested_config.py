@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from cambium.core.config import load_data, to_toml
+from cambium.core.config import load, load_data, to_toml
 from cambium.core.errors import ConfigError
 from cambium.nested.config import CONFIG_MODEL
+from cambium.nested.model import count_parameters
 
 MINIMAL = {"model": {"vocab_size": 256, "dim": 64, "n_levels": 2, "heads": 4, "mlp_hidden": 128, "window": 32}}
 
@@ -35,3 +38,21 @@ def test_minimal_config_loads_with_documented_defaults() -> None:
 def test_invalid_configs_are_rejected_naming_the_fields(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_data(MINIMAL, CONFIG_MODEL, overrides)
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "nested"
+
+
+def test_mag_and_swa_comparison_configs_differ_only_in_composition_and_mlp_width() -> None:
+    mag = load(CONFIGS / "mag-cpu.toml", CONFIG_MODEL)
+    swa = load(CONFIGS / "swa-cpu.toml", CONFIG_MODEL)
+    assert (mag.model.composition, swa.model.composition) == ("mag", "swa")
+    assert mag.context == swa.context and mag.build == swa.build and mag.model.window == swa.model.window
+    same = {"composition", "mlp_hidden"}
+    assert mag.model.model_dump(exclude=same) == swa.model.model_dump(exclude=same)
+    n_mag, n_swa = count_parameters(mag.model), count_parameters(swa.model)
+    assert abs(n_mag - n_swa) / n_mag < 5e-4, (n_mag, n_swa)
+    # One SwiGLU unit wider per level would overshoot: the baseline's width is the closest match.
+    wider = swa.model.model_copy(update={"mlp_hidden": swa.model.mlp_hidden + 1})
+    narrower = swa.model.model_copy(update={"mlp_hidden": swa.model.mlp_hidden - 1})
+    assert abs(n_mag - n_swa) <= min(abs(n_mag - count_parameters(m)) for m in (wider, narrower))

@@ -1,0 +1,144 @@
+"""The nested language model: token embedding, `n_levels` blocks of sliding-window attention composed with a memory,
+RMSNorm, output head. Built from `cambium.nn` blocks (Attention with a window, SwiGLU, RMSNorm, MemoryLayer).
+
+Legend: B batch (lanes), T tokens, D model width, V vocabulary.
+
+Block (pre-norm), h = RMSNorm(x):
+    mag:  x ← x + SWA(h) ⊙ σ(Memory(h))        Titans' memory-as-gate: the memory output gates the attention output
+    swa:  x ← x + SWA(h)                       the baseline of the same window
+    then  x ← x + SwiGLU(RMSNorm(x))
+
+Attention sees the window inside the current chunk only; the memory carries its state across chunks (context
+memory), so it is the only path by which a token sees text before its chunk.
+
+State lifetimes (NES-7): parameters (projections, gates, the learned initial memory) are the outer loop and are
+serialised; the inner loop (memory updates token by token) runs inside `forward`; the final memory of each level is
+returned as context memory, which the caller detaches and passes to the next chunk (`ContextMemory`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cambium.core.errors import CheckpointError, ConfigError
+from cambium.nested.config import ModelConfig
+from cambium.nn.attention import Attention
+from cambium.nn.memory import MemoryLayer, MemoryState
+from cambium.nn.mlp import SwiGLU
+from cambium.nn.norm import RMSNorm
+
+__all__ = ["ContextMemory", "NestedBlock", "NestedLM", "count_parameters"]
+
+BUILT_COMPOSITIONS = ("mag", "swa")
+LevelStates = list[MemoryState | None]
+
+
+class NestedBlock(nn.Module):
+    """One level: `[B, T, D]` → `[B, T, D]`, with the memory state carried in and out (None for swa)."""
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int, seed: int) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.dim)
+        self.attn = Attention(cfg.dim, cfg.heads, window=cfg.window, max_seq_len=max_seq_len)
+        self.memory = MemoryLayer(cfg.dim, cfg.heads, cfg.memory, seed=seed) if cfg.composition == "mag" else None
+        self.norm2 = RMSNorm(cfg.dim)
+        self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
+
+    def forward(self, x: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState | None]:
+        h = self.norm1(x)
+        a = self.attn(h)
+        if self.memory is not None:
+            m, state = self.memory(h, state)
+            a = a * torch.sigmoid(m)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), state
+
+
+class NestedLM(nn.Module):
+    """Tokens `[B, T]` (+ context memory per level) → logits `[B, T, V]` (+ the new context memory)."""
+
+    def __init__(self, cfg: ModelConfig, max_seq_len: int) -> None:
+        super().__init__()
+        if cfg.composition not in BUILT_COMPOSITIONS:
+            raise ConfigError(f"model.composition={cfg.composition!r} is not built yet (cambium issue 7); "
+                              f"choose one of {BUILT_COMPOSITIONS}")
+        if cfg.persistent_tokens:
+            raise ConfigError(f"model.persistent_tokens={cfg.persistent_tokens} is not built yet (cambium issue 7); "
+                              "set it to 0")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.levels = nn.ModuleList(NestedBlock(cfg, max_seq_len, seed=i) for i in range(cfg.n_levels))
+        self.norm = RMSNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    @property
+    def has_memory(self) -> bool:
+        return self.cfg.composition == "mag"
+
+    def forward(self, tokens: torch.Tensor, states: Sequence[MemoryState | None] | None = None
+                ) -> tuple[torch.Tensor, LevelStates]:
+        """tokens `[B, T]` int64, states one per level (None: the learned initial memory) → (`[B, T, V]`, states)."""
+        x = self.embed(tokens)
+        states = list(states) if states is not None else [None] * len(self.levels)
+        out: LevelStates = []
+        for level, state in zip(self.levels, states, strict=True):
+            x, new = level(x, state)
+            out.append(new)
+        return self.head(self.norm(x)), out
+
+
+def count_parameters(cfg: ModelConfig, max_seq_len: int = 16) -> int:
+    """Trainable parameters of the model `cfg` describes (the RoPE tables are buffers, not parameters)."""
+    with torch.device("meta"):
+        model = NestedLM(cfg, max_seq_len)
+    return sum(p.numel() for p in model.parameters())
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits `[B, T, V]`, targets `[B, T]`."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class ContextMemory:
+    """Context memory: the per-level memory state carried across chunks, `[B, ...]` per tensor, always detached.
+
+    It persists across forward calls and is checkpointed next to the stream cursor (`state_dict` holds tensors).
+    Before the first chunk it is empty and every level starts from its learned initial memory.
+    """
+
+    def __init__(self, n_levels: int) -> None:
+        self.n_levels = n_levels
+        self.states: LevelStates = [None] * n_levels
+
+    def update(self, states: Sequence[MemoryState | None]) -> None:
+        self.states = [None if s is None else MemoryState(tuple(p.detach() for p in s.params),
+                                                          tuple(o.detach() for o in s.opt)) for s in states]
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"n_levels": self.n_levels}
+        for i, s in enumerate(self.states):
+            if s is not None:
+                out.update({f"l{i}.params.{j}": p.clone() for j, p in enumerate(s.params)})
+                out.update({f"l{i}.opt.{j}": o.clone() for j, o in enumerate(s.opt)})
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("n_levels") != self.n_levels:
+            raise CheckpointError(f"context memory of {state.get('n_levels')} levels does not fit a model of "
+                                  f"{self.n_levels}")
+        self.states = []
+        for i in range(self.n_levels):
+            params = _indexed(state, f"l{i}.params.")
+            opt = _indexed(state, f"l{i}.opt.")
+            self.states.append(MemoryState(params, opt) if params else None)
+
+
+def _indexed(state: dict[str, Any], prefix: str) -> tuple[torch.Tensor, ...]:
+    keys = sorted((int(k[len(prefix):]), k) for k in state if k.startswith(prefix))
+    return tuple(state[k] for _, k in keys)

@@ -1,0 +1,77 @@
+"""`cambium worldmodel`: pipeline, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from cambium.core.config import load
+from cambium.core.errors import ConfigError
+from cambium.core.testing import ProgressReporter
+from cambium.worldmodel.config import CONFIG_MODEL
+
+app = typer.Typer(help="Market world model: FSQ tokenizer, Mamba-2 JEPA, pipeline and evaluation.",
+                  no_args_is_help=True)
+
+CONFIG = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/worldmodel/tiny.toml.")
+SET = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable).")
+RUNS = typer.Option(Path("runs"), "--runs-dir", help="Directory of the run registry.")
+# The steps `demo` runs: the full tiny pipeline takes longer than a demo should on a shared 2-core machine.
+DEMO_OVERRIDES = ["train_tokenizer.steps=300", "train_jepa.steps=150", "pipeline.checkpoint_every=50"]
+
+
+@app.command("pipeline")
+def pipeline_command(
+    config: Path = CONFIG,
+    set_: list[str] = SET,
+    runs_dir: Path = RUNS,
+    resume: str | None = typer.Option(None, help="Continue this run (id or unique prefix)."),
+    start_phase: int | None = typer.Option(None, min=1, max=5, help="First phase (1 import, 2 Strate I, "
+                                           "3 pretokenize, 4 Strate II, 5 evaluate); > 1 needs --resume."),
+    stop_phase: int = typer.Option(5, min=1, max=5, help="Last phase to run."),
+) -> None:
+    """Run the world-model pipeline (a new run, or --resume one exactly where it stopped)."""
+    from cambium.worldmodel.pipeline import run_pipeline
+
+    cfg = load(config, CONFIG_MODEL, set_)
+    result = run_pipeline(cfg, runs_dir, resume=resume, start_phase=start_phase, stop_phase=stop_phase,
+                          reporter=ProgressReporter.from_env())
+    _print_result(result)
+
+
+def _print_result(result: object) -> None:
+    from cambium.worldmodel.pipeline import PipelineResult
+
+    assert isinstance(result, PipelineResult)
+    console = Console()
+    s = result.summary
+    shown = ["tokenizer/codebook_usage/holdout", "tokenizer/perplexity/holdout", "jepa/loss", "probe/latent/r2",
+             "probe/raw/r2", "probe/latent/accuracy", "probe/raw/accuracy", "probe/majority_accuracy"]
+    console.print(f"run {result.run_id}: phases done {result.phases_done}; "
+                  + ", ".join(f"{k}={s[k]:.4g}" for k in shown if k in s))
+    report = result.run_dir / "report" / "report.md"
+    if report.exists():
+        console.print(f"report: {report}")
+
+
+def demo(runs_dir: Path = Path("runs")) -> None:
+    """The tiny pipeline on the committed candles with fewer steps (300 Strate I, 150 Strate II); prints the report."""
+    from cambium.worldmodel.pipeline import run_pipeline
+
+    path = Path("configs/worldmodel/tiny.toml")
+    if not path.is_file():
+        raise ConfigError(f"{path} not found: run the demo from the repository root")
+    cfg = load(path, CONFIG_MODEL, DEMO_OVERRIDES)
+    _print_result(run_pipeline(cfg, runs_dir))
+
+
+@app.command("demo")
+def demo_command(runs_dir: Path = RUNS) -> None:
+    """Run the tiny pipeline end to end on the committed candles (reduced steps) and print where the report is."""
+    demo(runs_dir)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,200 @@
+"""The pipeline's Markdown report (`<run>/report/report.md`) with PNG plots (matplotlib, Agg backend).
+
+Figures: Strate I reconstructions of hold-out patches, codebook usage (codes sorted by frequency), training curves,
+and the probe table of phase 5. Probe numbers are printed with 4 decimals from `probe.json` (full precision).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from cambium.core.metrics import read_metrics
+from cambium.worldmodel.data import Split, holdout_part
+from cambium.worldmodel.evaluation import CodedSeries
+from cambium.worldmodel.features import CandleBatch
+from cambium.worldmodel.jepa import WorldModelJEPA
+from cambium.worldmodel.training import sample_windows
+
+if TYPE_CHECKING:
+    from cambium.worldmodel.pipeline import Pipeline
+
+__all__ = ["format_probe_table", "write_report"]
+
+_FEATURE_NAMES = ("log open/prev close", "log high/prev close", "log low/prev close", "log close/prev close",
+                  "log1p volume")
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _day(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def format_probe_table(probes: dict[str, Any]) -> str:
+    """The Markdown table of the probe results (4 decimals)."""
+    lines = ["| features | dim | hold-out R² | direction accuracy | ridge α | logistic L2 |",
+             "|---|---|---|---|---|---|"]
+    for r in probes["results"]:
+        lines.append(f"| {r['features']} | {r['dim']} | {r['r2']:.4f} | {r['accuracy']:.4f} | "
+                     f"{r['ridge_alpha']:g} | {r['logistic_l2']:g} |")
+    lines.append(f"| majority direction of the training window | – | – | {probes['majority_accuracy']:.4f} | – | – |")
+    return "\n".join(lines)
+
+
+def _verdict(probes: dict[str, Any]) -> str:
+    by = {r["features"]: r for r in probes["results"]}
+    lat, raw = by["latent"], by["raw"]
+    r2 = "higher" if lat["r2"] > raw["r2"] else "not higher"
+    acc = "higher" if lat["accuracy"] > raw["accuracy"] else "not higher"
+    beats = lat["r2"] > raw["r2"] and lat["accuracy"] > raw["accuracy"]
+    base = probes["majority_accuracy"]
+    return (f"The latents' hold-out R² ({lat['r2']:.4f}) is {r2} than the raw features' ({raw['r2']:.4f}) and their "
+            f"direction accuracy ({lat['accuracy']:.4f}) is {acc} than the raw features' ({raw['accuracy']:.4f}); "
+            f"always predicting the training window's majority direction gives {base:.4f}. "
+            + ("On this hold-out the latents beat the raw features on both probes."
+               if beats else "On this hold-out the latents do **not** beat the raw features on both probes.")
+            + (" An R² at or below 0 means the probe predicts next-hour returns no better than their hold-out mean."
+               if max(lat["r2"], raw["r2"]) <= 0 else ""))
+
+
+def _reconstructions(pipe: Pipeline, model: WorldModelJEPA, split: Split, out: Path) -> None:
+    plt = _plt()
+    cfg = pipe.cfg
+    patch = cfg.tokenizer.patch_length
+    segments, _ = pipe.segments()
+    hold = holdout_part(segments, split, patch) or segments
+    gen = torch.Generator().manual_seed(cfg.seed * 100 + 51)
+    k = cfg.evaluation.report_examples
+    batch: CandleBatch = sample_windows(hold, patch, k, gen)
+    with torch.no_grad():
+        res = model.tokenizer(batch.ohlcv)
+    fig, axes = plt.subplots(k, 2, figsize=(10, 2.2 * k), squeeze=False)
+    for i in range(k):
+        for j, ch in enumerate((3, 4)):
+            ax = axes[i][j]
+            ax.plot(res.target[i, 0, :, ch].numpy(), label="target", color="black")
+            ax.plot(res.recon[i, 0, :, ch].numpy(), label="reconstruction", color="tab:orange", linestyle="--")
+            ax.set_title(f"code {int(res.indices[i, 0])}: {_FEATURE_NAMES[ch]}", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Strate I on hold-out patches (RevIN + SymLog space)", fontsize=10)
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.9, bottom=0.05, hspace=0.6, wspace=0.15)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def _codebook(coded: list[CodedSeries], size: int, out: Path) -> None:
+    plt = _plt()
+    counts = np.bincount(torch.cat([c.codes for c in coded]).numpy(), minlength=size)
+    order = np.sort(counts)[::-1]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.fill_between(np.arange(size), order, step="post", color="tab:blue", linewidth=0)
+    ax.set_xlabel(f"codes sorted by frequency ({int((counts > 0).sum())} of {size} used)")
+    ax.set_ylabel("patches")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_title("Codebook usage over all pretokenized patches", fontsize=10)
+    fig.subplots_adjust(left=0.1, right=0.98, top=0.88, bottom=0.18)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def _curves(metrics_path: Path, out: Path) -> None:
+    plt = _plt()
+    rows = read_metrics(metrics_path, ["tokenizer/loss", "jepa/loss"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
+    for ax, name in zip(axes, ("tokenizer/loss", "jepa/loss"), strict=True):
+        pts = [(r.step, r.value) for r in rows if r.name == name]
+        if pts:
+            ax.plot(*zip(*pts, strict=True))
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("pipeline step")
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.18, wspace=0.25)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def write_report(pipe: Pipeline, model: WorldModelJEPA, coded: list[CodedSeries], split: Split,
+                 probes: dict[str, Any]) -> Path:
+    """Write report.md and its PNGs into `<run>/report/`; returns the path of report.md."""
+    out = pipe.run.dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _reconstructions(pipe, model, split, out / "reconstructions.png")
+    _codebook(coded, model.tokenizer.codebook_size, out / "codebook_usage.png")
+    _curves(pipe.run.metrics_path(), out / "training_curves.png")
+    latest: dict[str, float] = {}
+    for r in read_metrics(pipe.run.metrics_path()):
+        latest[r.name] = r.value
+    info = json.loads((pipe.run.dir / "data" / "import.json").read_text(encoding="utf-8"))
+    cfg = pipe.cfg
+
+    def m(name: str, fmt: str = ".4f") -> str:
+        return format(latest[name], fmt) if name in latest else "n/a"
+
+    text = f"""# worldmodel pipeline report — run {pipe.run.id}
+
+Config size `{cfg.size}`, seed {cfg.seed}. Every number below comes from this run's files; probe numbers are in
+`probe.json` at full precision.
+
+## Data (phase 1)
+{len(info['symbols'])} symbols, {int(latest.get('import/rows', 0))} bars ({info['interval']}, market {info['market']}),
+{info['segments']} contiguous segments, {int(latest.get('import/gaps', 0))} gaps,
+{len(info['rejected'])} files rejected.
+Training window: bars before {_day(split.split_ms)} UTC ({int(latest.get('import/train_bars', 0))} bars);
+embargo {cfg.evaluation.embargo_bars} bars; hold-out window: bars from {_day(split.holdout_ms)} UTC to
+{_day(split.last_ms)} UTC ({int(latest.get('import/holdout_bars', 0))} bars). Both models were trained on the
+training window only.
+
+## Strate I — FSQ tokenizer (phases 2–3)
+Levels {list(cfg.tokenizer.fsq_levels)} = {model.tokenizer.codebook_size} codes, patches of
+{cfg.tokenizer.patch_length} bars, {cfg.train_tokenizer.steps} steps. Final training loss {m('tokenizer/loss')},
+hold-out reconstruction loss {m('tokenizer/holdout_loss')} (Huber, normalised SymLog space).
+
+| window | patches | codebook usage | perplexity |
+|---|---|---|---|
+| training | {m('pretokenize/patches/train', '.0f')} | {m('tokenizer/codebook_usage/train')} | \
+{m('tokenizer/perplexity/train', '.1f')} |
+| hold-out | {m('pretokenize/patches/holdout', '.0f')} | {m('tokenizer/codebook_usage/holdout')} | \
+{m('tokenizer/perplexity/holdout', '.1f')} |
+| all | {m('pretokenize/patches/all', '.0f')} | {m('tokenizer/codebook_usage/all')} | \
+{m('tokenizer/perplexity/all', '.1f')} |
+
+Usage is bounded by the number of patches: a window with fewer patches than codes cannot use them all.
+
+![reconstructions](reconstructions.png)
+
+![codebook usage](codebook_usage.png)
+
+## Strate II — Mamba-2 JEPA (phase 4)
+{cfg.train_jepa.steps} steps on windows of {cfg.jepa.seq_len} pretokenized training codes; final loss
+{m('jepa/loss')} (invariance {m('jepa/invariance')}, variance {m('jepa/variance')}, covariance
+{m('jepa/covariance')}).
+
+![training curves](training_curves.png)
+
+## Linear probes of next-hour returns (phase 5, WM-7)
+{probes['n_train']} training anchors, {probes['n_holdout']} hold-out anchors (one per patch of 16 bars with a full
+window of {cfg.jepa.seq_len} patches). Features standardised with training-window statistics; penalties chosen on the
+latest {cfg.evaluation.validation_fraction:.0%} of training anchors; scored once on the hold-out.
+`latent` = the JEPA target encoder's last-position latent; `raw` = the patch's per-bar features and clock features
+(what the model sees at that position).
+
+{format_probe_table(probes)}
+
+{_verdict(probes)}
+"""
+    path = out / "report.md"
+    path.write_text(text, encoding="utf-8")
+    return path

@@ -1,0 +1,148 @@
+"""The pipeline end to end at a micro size: phases, files, metrics, report numbers, phase selection, exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cambium.core.config import load
+from cambium.core.errors import ConfigError, RunError
+from cambium.core.metrics import read_metrics
+from cambium.core.runs import get_run
+from cambium.core.testing import check_exact_resume
+from cambium.worldmodel.config import CONFIG_MODEL
+from cambium.worldmodel.pipeline import RunArtifacts, phase_steps, run_pipeline
+from cambium.worldmodel.report import format_probe_table
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "worldmodel" / "tiny.toml"
+MICRO = [
+    'data.symbols=["BTCUSDT","ETHUSDT"]', "tokenizer.hidden_channels=16", "jepa.seq_len=8",
+    "jepa.encoder.d_model=16", "jepa.encoder.n_layers=1", "jepa.encoder.n_heads=2", "jepa.encoder.chunk_size=8",
+    "jepa.predictor.hidden_dim=32", "train_tokenizer.steps=4", "train_tokenizer.batch_size=8",
+    "train_jepa.steps=8", "train_jepa.batch_size=4", "pipeline.checkpoint_every=2", "pipeline.threads=1",
+    "evaluation.report_examples=2",
+    f"data.klines_glob={REPO}/data/samples/market/klines_1h_futures/*.csv.gz",
+]
+
+
+def micro_cfg(*extra: str):
+    return load(TINY, CONFIG_MODEL, [*MICRO, *extra])
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("wm_runs")
+    cfg = micro_cfg()
+    return root, cfg, run_pipeline(cfg, root, show_progress=False)
+
+
+def test_every_phase_writes_its_files_and_metrics(finished) -> None:
+    root, cfg, result = finished
+    assert result.phases_done == [1, 2, 3, 4, 5]
+    record = get_run(root, result.run_id)
+    assert record.system == "worldmodel" and record.status == "finished"
+    d = result.run_dir
+    for name in ("tokenizer.pt", "jepa.pt", "data/import.json", "codes/index.json", "report/report.md",
+                 "report/probe.json", "report/reconstructions.png", "report/codebook_usage.png",
+                 "report/training_curves.png"):
+        assert (d / name).is_file(), name
+    assert (d / "report" / "codebook_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    index = json.loads((d / "codes" / "index.json").read_text())
+    assert [e["name"] for e in index["segments"]] == ["BTCUSDT", "ETHUSDT"]
+    for e in index["segments"]:
+        codes = np.load(d / "codes" / e["file"])
+        assert codes.shape == (e["patches"],) and codes.min() >= 0 and codes.max() < 1000
+    # The store written by phase 1 is the market candle store (hive partitions, validated on read).
+    assert (d / "store" / "market=futures" / "interval=1h" / "symbol=BTCUSDT" / "candles.parquet").is_file()
+    rows = read_metrics(d / "metrics.duckdb")
+    steps = phase_steps(cfg)
+    by_name: dict[str, list[int]] = {}
+    for r in rows:
+        by_name.setdefault(r.name, []).append(r.step)
+    assert by_name["import/rows"] == [steps[1][0]]
+    assert by_name["tokenizer/loss"] == list(range(steps[2][0], steps[2][1] + 1))
+    assert by_name["tokenizer/codebook_usage/train"] == [steps[3][0]]
+    assert by_name["jepa/loss"] == list(range(steps[4][0], steps[4][1] + 1))
+    assert by_name["probe/latent/r2"] == [steps[5][0]]
+    assert "perf/jepa/step_ms" in by_name and "perf/evaluate/seconds" in by_name
+    # One store row per bar kept: the files' rows minus the still-forming last bar.
+    assert next(r.value for r in rows if r.name == "import/rows") == 2 * (4500 - 1)
+
+
+def test_report_numbers_equal_a_direct_recomputation(finished) -> None:
+    _, cfg, result = finished
+    probe = json.loads((result.run_dir / "report" / "probe.json").read_text())
+    # From the run's files (store, codes, weights) alone, in a fresh model.
+    again = RunArtifacts(result.run_dir, cfg).probes()
+    assert json.loads(json.dumps(again)) == probe
+    report = (result.run_dir / "report" / "report.md").read_text()
+    assert format_probe_table(again) in report
+    metrics = {r.name: r.value for r in read_metrics(result.run_dir / "metrics.duckdb")}
+    for r in again["results"]:
+        assert metrics[f"probe/{r['features']}/r2"] == r["r2"]
+        assert metrics[f"probe/{r['features']}/accuracy"] == r["accuracy"]
+    # Hold-out anchors lie after the embargo, training targets before the split.
+    assert again["n_train"] > 10 and again["n_holdout"] > 10
+
+
+def test_phase_selection(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    cfg = micro_cfg("train_jepa.steps=2")
+    with pytest.raises(ConfigError, match="--start-phase 3 needs --resume"):
+        run_pipeline(cfg, tmp_path, start_phase=3, show_progress=False)
+    first = run_pipeline(cfg, tmp_path, stop_phase=2, show_progress=False)
+    assert first.phases_done == [1, 2]
+    assert (first.run_dir / "tokenizer.pt").is_file() and not (first.run_dir / "codes").exists()
+    with pytest.raises(RunError, match="has not done phases \\[3\\]"):
+        run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=4, show_progress=False)
+    second = run_pipeline(cfg, tmp_path, resume=first.run_id, stop_phase=3, show_progress=False)
+    assert second.run_id == first.run_id and second.phases_done == [1, 2, 3]
+    tokenizer_rows = [r for r in read_metrics(first.run_dir / "metrics.duckdb") if r.name == "tokenizer/loss"]
+    # Re-running phase 2 from scratch replaces its rows and forgets later phases.
+    third = run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=2, stop_phase=2, show_progress=False)
+    assert third.phases_done == [1, 2]
+    rows = read_metrics(first.run_dir / "metrics.duckdb")
+    assert [r for r in rows if r.name == "tokenizer/loss"] != [] and not any(
+        r.name.startswith("pretokenize/") for r in rows)
+    assert [(r.step, r.value) for r in rows if r.name == "tokenizer/loss"] == [
+        (r.step, r.value) for r in tokenizer_rows]
+
+
+def test_sigkill_during_strate2_resumes_bitwise(tmp_path: Path) -> None:
+    cfg = micro_cfg()
+    steps = phase_steps(cfg)
+    first4, last4 = steps[4]
+    command = [sys.executable, "-m", "cambium.worldmodel.cli", "pipeline", "--config", str(TINY),
+               "--runs-dir", str(tmp_path), "--stop-phase", "4"]
+    for item in MICRO:
+        command += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    report = check_exact_resume(command, runs_root=tmp_path, n_steps=last4, kill_step=first4 + 2,
+                                checkpoint_kill_step=first4 + 4, env=env, cwd=REPO, timeout_s=240)
+    assert report.ok, report.summary()
+    assert report.reference.rows > 0
+    at_step = next(s for s in report.scenarios if s.name == "kill-at-step")
+    in_ckpt = next(s for s in report.scenarios if s.name == "kill-in-checkpoint")
+    assert at_step.kill_step == first4 + 2 and at_step.resumed_from == first4 + 1, report.summary()
+    assert in_ckpt.killed_checkpoint_step == first4 + 5 and in_ckpt.killed_in_temp_dir, report.summary()
+    assert in_ckpt.resumed_from == first4 + 3, report.summary()
+
+
+def test_bad_config_values_name_the_dotted_path() -> None:
+    with pytest.raises(ConfigError, match=r"evaluation\.holdout_fraction"):
+        micro_cfg("evaluation.holdout_fraction=1.5")
+    with pytest.raises(ConfigError, match=r"pipeline\.checkpoint_every"):
+        micro_cfg("pipeline.checkpoint_every=0")
+    with pytest.raises(ConfigError, match="ridge_alphas"):
+        micro_cfg("evaluation.ridge_alphas=[-1.0]")
+    with pytest.raises(ConfigError, match=r"data\.interval"):
+        micro_cfg('data.interval="7h"')
