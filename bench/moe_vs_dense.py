@@ -1,21 +1,25 @@
 """MoE vs dense at equal active parameters and equal tokens on the committed text (spec target: MoE val loss lower).
 
-Run: `python -m bench.moe_vs_dense [--quick] [--shape small|moonlet-cpu] [--steps N]`.
+Run: `python -m bench.moe_vs_dense [--quick] [--shape small|moonlet-cpu|quick] [--steps N] [--threads N]
+[--optim muon adamw]`.
 
 Both models come from `configs/moe/moonlet-cpu.toml` (its mixture: tinyshakespeare + wikitext-2, BPE 4096) with the
 same shape overrides; the dense twin makes every layer a dense SwiGLU whose width is solved so that its active
 parameter count (input embedding and output head excluded) equals the MoE model's (`dense_twin`). Both are trained by
 `cambium.moe.train.Trainer` with the same seed, data order, WSD schedule (5 % warmup, 20 % 1-sqrt decay, by tokens)
-and token budget, and evaluated on the same validation windows. Cases:
-
-Validation: `windows` held-out windows of T+1 tokens per dataset (24; 8 with --quick), the same for both models.
+and token budget, and evaluated on the same validation windows. Each comparison runs under two optimiser settings
+(`OPTIM_OVERRIDES`): "muon", as the configs ship (Muon for 2-D dense matrices, AdamW for routed experts, so the dense
+twin's whole feed-forward gets Muon and the MoE's routed experts do not), and "adamw" (AdamW everywhere), which
+compares the architectures without that optimiser confound. Validation uses the first 24 held-out windows of T+1
+tokens of each dataset (8 with --quick), the same for both models. Cases, per setting:
 
 - `val_loss` (nats/token): value = MoE final validation loss, reference = dense; ratio = dense / MoE (> 1: MoE wins).
 - `val_bpb` (bits/byte): the same in bits per UTF-8 byte.
 
 The validation curves go to `docs/img/moe_vs_dense.png` (`--plot`); the JSON records carry the curves, the parameter
-counts, the wall time of each run and the load average. Default shape `small` (d=128, T=128: moonlet-cpu at d=256,
-T=256 takes ~10 s a step on 2 busy cores, too slow for a 15-minute benchmark of two models).
+counts, the wall time of each run and the load average. Default: shape `small` (d=128, T=128, 16×128 tokens a step),
+150 steps (307,200 tokens): moonlet-cpu itself (d=256, T=256) takes 2-10 s a step on 2 busy cores, too slow for four
+runs in 15 minutes. On a shared box pass `--threads 1` (~12 minutes at load 6-8).
 """
 
 from __future__ import annotations
@@ -162,8 +166,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     tokens = steps * base.data.seq_len * base.data.batch_size
     common = [*SHAPES[shape], *schedule_overrides(tokens, args.lr), f"train.eval_windows={windows}",
               f"optim.expert_lr={args.lr}", f"optim.embedding_lr={args.lr}"]
-    if args.threads:
-        common.append(f"train.threads={args.threads}")
+    threads = args.threads or (1 if args.quick else None)  # --quick: one thread stays sub-minute on a busy box
+    if threads:
+        common.append(f"train.threads={threads}")
     optims = args.optim or (["muon"] if args.quick else ["muon", "adamw"])
     results: dict[str, dict[str, dict[str, Any]]] = {}
     hidden = 0

@@ -17,6 +17,7 @@ DEMOS: list[tuple[str, str]] = [
     ("moe", "cambium.moe.cli"),
     ("morph", "cambium.morph.cli"),
     ("screener", "cambium.screener.cli"),
+    ("worldmodel", "cambium.worldmodel.cli"),
 ]
 
 

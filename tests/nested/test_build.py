@@ -56,7 +56,9 @@ def test_eval_reproduces_the_logged_perplexity_from_the_checkpoint(built: tuple[
 
 def test_checkpoint_holds_the_context_memory_and_the_stream_cursor(built: tuple[Path, str]) -> None:
     runs, run_id = built
-    ckpt = load_checkpoint(latest_checkpoint(runs / run_id / "checkpoints"))  # type: ignore[arg-type]
+    path = latest_checkpoint(runs / run_id / "checkpoints")
+    assert path is not None
+    ckpt = load_checkpoint(path)
     assert ckpt.data_cursor["stream"]["consumed"] == 24 * 64 and ckpt.data_cursor["stream"]["lanes"] == 4
     memory = ContextMemory(2)
     memory.load_state_dict(ckpt.states["context_memory"])
@@ -66,11 +68,25 @@ def test_checkpoint_holds_the_context_memory_and_the_stream_cursor(built: tuple[
 
 
 def test_sigkill_and_resume_give_bitwise_identical_metrics(tiny_mixture: Path, tmp_path: Path) -> None:
+    """With the attention window carried too, so that both kinds of context state go through the checkpoint."""
     runs = tmp_path / "runs"
     sets = [*tiny_overrides(tiny_mixture), "build.steps=8", "build.warmup_steps=2", "build.checkpoint_every=2",
-            "build.eval_every=4", "build.eval_chunks=2", "build.threads=1"]
+            "build.eval_every=4", "build.eval_chunks=2", "build.threads=1", "context.carry_attention=true"]
     command = [sys.executable, "-m", "cambium.nested.cli", "build", "--config", str(TINY), "--runs-dir", str(runs),
                "--no-prep", *[arg for s in sets for arg in ("--set", s)]]
     report = check_exact_resume(command, runs_root=runs, n_steps=8, seed=7, timeout_s=240)
     assert report.ok, report.summary()
     assert all(s.resumed_from is not None for s in report.scenarios), report.summary()
+
+
+def test_carry_memory_off_restarts_every_chunk_from_the_initial_memory(tiny_mixture: Path, tmp_path: Path) -> None:
+    from .conftest import tiny_config
+
+    losses = {}
+    for carry in (True, False):
+        cfg = tiny_config(tiny_mixture, "build.steps=2", "build.warmup_steps=1", "build.threads=1",
+                          f"context.carry_memory={str(carry).lower()}")
+        result = build(cfg, tmp_path / "runs", show_progress=False)
+        losses[carry] = {r.step: r.value for r in read_metrics(result.run_dir / "metrics.duckdb") if r.name == "loss"}
+    assert losses[True][1] == losses[False][1]  # the first chunk starts from the initial memory either way
+    assert losses[True][2] != losses[False][2]

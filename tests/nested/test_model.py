@@ -9,7 +9,7 @@ import torch
 from cambium.core.config import load_data
 from cambium.core.errors import CheckpointError, ConfigError
 from cambium.nested.config import CONFIG_MODEL, ModelConfig
-from cambium.nested.model import ContextMemory, NestedLM
+from cambium.nested.model import ContextMemory, NestedBlock, NestedLM
 
 MEMORY = {"execution": "chunkwise_exact", "chunk_size": 8}
 
@@ -26,7 +26,7 @@ def make(composition: str = "mag", seed: int = 0) -> NestedLM:
     model = NestedLM(model_cfg(composition), max_seq_len=32)
     with torch.no_grad():  # wider gates than the init, so that the memory visibly matters
         for level in model.levels:
-            if level.memory is not None:
+            if isinstance(level, NestedBlock) and level.memory is not None:
                 level.memory.gates.bias.view(3, -1)[2].fill_(1.0)
     return model
 
@@ -34,13 +34,13 @@ def make(composition: str = "mag", seed: int = 0) -> NestedLM:
 def test_mag_block_is_attention_gated_by_sigmoid_of_memory() -> None:
     model = make()
     level = model.levels[0]
-    assert level.memory is not None
+    assert isinstance(level, NestedBlock) and level.memory is not None
     x = torch.randn(2, 16, 32)
     h = level.norm1(x)
     m, _ = level.memory(h)
     mid = x + level.attn(h) * torch.sigmoid(m)
     expected = mid + level.mlp(level.norm2(mid))
-    out, state = level(x)
+    out, state, _ = level(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert state is not None
 
@@ -51,10 +51,10 @@ def test_context_memory_carries_text_across_chunks_and_swa_does_not() -> None:
     other_first = torch.randint(0, 64, (2, 16))
     for composition in ("mag", "swa"):
         model = make(composition)
-        _, states = model(first)
-        _, other_states = model(other_first)
-        after, _ = model(second, states)
-        after_other, _ = model(second, other_states)
+        _, states, _ = model(first)
+        _, other_states, _ = model(other_first)
+        after, _, _ = model(second, states)
+        after_other, _, _ = model(second, other_states)
         if composition == "mag":
             assert (after - after_other).abs().max() > 1e-4  # what came before the chunk reaches it via memory
         else:
@@ -66,8 +66,8 @@ def test_inner_loop_state_lives_only_inside_a_forward() -> None:
     model = make()
     tokens = torch.randint(0, 64, (2, 16))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out1, s1 = model(tokens)
-    out2, s2 = model(tokens)
+    out1, s1, _ = model(tokens)
+    out2, s2, _ = model(tokens)
     torch.testing.assert_close(out1, out2, rtol=0, atol=0)
     for a, b in zip(s1, s2, strict=True):
         assert a is not None and b is not None
@@ -79,14 +79,17 @@ def test_inner_loop_state_lives_only_inside_a_forward() -> None:
 
 def test_context_memory_state_dict_round_trips_and_detaches() -> None:
     model = make()
-    _, states = model(torch.randint(0, 64, (3, 16)))
+    _, states, windows = model(torch.randint(0, 64, (3, 16)))
     memory = ContextMemory(2)
-    memory.update(states)
+    memory.update(states, windows)
     assert all(s is not None and not any(p.requires_grad for p in s.params) for s in memory.states)
     restored = ContextMemory(2)
     restored.load_state_dict(memory.state_dict())
     tokens = torch.randint(0, 64, (3, 16))
-    torch.testing.assert_close(model(tokens, restored.states)[0], model(tokens, memory.states)[0], rtol=0, atol=0)
+    for w, v in zip(restored.windows, memory.windows, strict=True):
+        assert w is not None and v is not None and w.shape == (3, 7, 32) and w.equal(v)
+    torch.testing.assert_close(model(tokens, restored.states, restored.windows)[0],
+                               model(tokens, memory.states, memory.windows)[0], rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="2 levels does not fit a model of 3"):
         ContextMemory(3).load_state_dict(memory.state_dict())
 
@@ -96,3 +99,19 @@ def test_unbuilt_compositions_are_refused_naming_the_field() -> None:
         NestedLM(model_cfg("mal"), 32)
     with pytest.raises(ConfigError, match="persistent_tokens=4"):
         NestedLM(model_cfg("mag", persistent_tokens=4), 32)
+
+
+@pytest.mark.parametrize("composition", ["swa", "mag"])
+def test_carried_attention_window_equals_attending_over_the_whole_sequence(composition: str) -> None:
+    model = make(composition)
+    tokens = torch.randint(0, 64, (2, 27))
+    whole, _, _ = model(tokens)
+    pieces, states, windows = [], None, None
+    for start, stop in ((0, 5), (5, 16), (16, 27)):  # a first chunk shorter than the window, then longer ones
+        logits, states, windows = model(tokens[:, start:stop], states, windows)
+        pieces.append(logits)
+    if composition == "swa":
+        torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-5, atol=1e-5)
+    else:  # the memory's chunkwise WY form splits differently: equal to fp32 rounding, not bitwise
+        torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-4, atol=1e-4)
+    assert windows is not None and all(w is not None and w.shape[1] == 7 for w in windows)

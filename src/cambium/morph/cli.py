@@ -47,6 +47,24 @@ def train_command(
     _print_summary(report)
 
 
+@app.command("compare")
+def compare_command(
+    config: ConfigOpt = Path("configs/morph/cifar10-cpu.toml"),
+    overrides: SetOpt = None,
+    runs_dir: Annotated[Path, typer.Option("--runs-dir", "--root", help="runs directory (run registry)")]
+    = Path("runs"),
+) -> None:
+    """MOR-11: train morphogenetic, same-host static and larger static runs; write report.md and figures."""
+    from cambium.morph.compare import compare
+
+    cfg = load(config, CONFIG_MODEL, list(overrides or []))
+    result = compare(cfg, name=config.stem, runs_root=runs_dir)
+    for arm in result.arms:
+        typer.echo(f"{arm.label:>12}: val_acc {arm.report['val_acc']:.4f} test_acc {arm.report['test_acc']:.4f} "
+                   f"params {arm.report['params']} widths {list(arm.widths)} (run {arm.run_id})")
+    typer.echo(f"report: {result.report_path}")
+
+
 @app.command("report")
 def report_command(run: Annotated[str, typer.Argument(help="run id or unique prefix")], root: RootOpt = Path("runs")
                    ) -> None:

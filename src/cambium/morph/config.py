@@ -11,6 +11,7 @@ from cambium.core.config import ConfigModel
 
 __all__ = [
     "CONFIG_MODEL",
+    "CompareConfig",
     "DataConfig",
     "LibraryConfig",
     "LifecycleConfig",
@@ -129,6 +130,16 @@ class TrainConfig(ConfigModel):
     morphogenetic: bool = Field(default=True, description="False runs the same host without seeds (baseline)")
 
 
+class CompareConfig(ConfigModel):
+    """`cambium morph compare` (MOR-11): the larger static network it trains next to the morphogenetic run."""
+
+    param_ratio: float = Field(
+        default=1.0, ge=1.0,
+        description="the larger static host is the smallest uniform widening of model.widths with at least this "
+        "× the morphogenetic run's final parameter count",
+    )
+
+
 class MorphConfig(ConfigModel):
     """Root config of a morph run."""
 
@@ -139,6 +150,7 @@ class MorphConfig(ConfigModel):
     data: DataConfig = Field(default_factory=DataConfig, description="data")
     model: ModelConfig = Field(default_factory=ModelConfig, description="host model")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training loop")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="MOR-11 comparison")
 
     @model_validator(mode="after")
     def _check(self) -> MorphConfig:

@@ -5,10 +5,14 @@ Neither is special to morph — `wrap` takes any nn.Module — but the demonstra
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-__all__ = ["HostCNN", "TransformerStack"]
+from cambium.core.errors import ConfigError
+
+__all__ = ["HostCNN", "TransformerStack", "host_cnn_params", "widths_for_params"]
 
 
 class HostCNN(nn.Module):
@@ -35,6 +39,36 @@ class HostCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stages(x)
         return self.head(h.mean(dim=(2, 3)))
+
+
+def host_cnn_params(widths: tuple[int, ...], num_classes: int = 10, in_channels: int = 3) -> int:
+    """Parameter count of `HostCNN(widths, num_classes)` (conv 3×3 without bias, BN scale+shift, linear head)."""
+    total, c = 0, in_channels
+    for w in widths:
+        total += c * w * 9 + 2 * w
+        c = w
+    return total + c * num_classes + num_classes
+
+
+def widths_for_params(widths: tuple[int, ...], num_classes: int, min_params: int, *, step: float = 0.05,
+                      max_mult: float = 64.0) -> tuple[tuple[int, ...], float]:
+    """The smallest uniform widening of `widths` (multiplier 1, 1 + step, ...) whose HostCNN has >= `min_params`.
+
+    Each stage gets `ceil(w · mult)` channels, so the stages keep their proportions. Returns (widths, multiplier).
+    """
+    if min_params <= host_cnn_params(widths, num_classes):
+        return tuple(widths), 1.0
+    k = 1
+    while 1.0 + k * step <= max_mult:
+        mult = 1.0 + k * step
+        wide = tuple(math.ceil(w * mult - 1e-9) for w in widths)
+        if host_cnn_params(wide, num_classes) >= min_params:
+            return wide, round(mult, 6)
+        k += 1
+    raise ConfigError(
+        f"no widening of widths={list(widths)} up to ×{max_mult} reaches {min_params} parameters; "
+        "lower compare.param_ratio"
+    )
 
 
 class TransformerStack(nn.Module):

@@ -45,12 +45,13 @@ def autocast(dtype: str) -> AbstractContextManager[Any]:
 
 @torch.no_grad()
 def evaluate_model(model: NestedLM, root: Path, *, seq_len: int, lanes: int, max_chunks: int | None = None,
-                   dtype: str = "float32", carry_memory: bool = True) -> dict[str, float]:
+                   dtype: str = "float32", carry_memory: bool = True, carry_attention: bool = False
+                   ) -> dict[str, float]:
     """Held-out next-token loss and perplexity over the val split, read as `lanes` contiguous streams.
 
     Each lane starts from the learned initial memory and carries its context memory across chunks, exactly as in a
-    build (unless `carry_memory` is off). Every model sees the same tokens for the same (seq_len, lanes), so losses
-    are comparable across models.
+    build (unless `carry_memory` is off; `carry_attention` carries the attention window too). Every model sees the
+    same tokens for the same (seq_len, lanes), so losses are comparable across models.
     """
     stream = ContextStream(root, split="val", seq_len=seq_len, lanes=lanes)
     chunks = (stream.n_tokens // lanes - 1) // seq_len
@@ -66,9 +67,10 @@ def evaluate_model(model: NestedLM, root: Path, *, seq_len: int, lanes: int, max
     for _ in range(chunks):
         tokens = stream.observe().tokens
         with autocast(dtype):
-            logits, states = model(tokens[:, :-1], memory.states if carry_memory else None)
+            logits, states, windows = model(tokens[:, :-1], memory.states if carry_memory else None,
+                                            memory.windows if carry_attention else None)
         total += float(lm_loss(logits, tokens[:, 1:]))
-        memory.update(states)
+        memory.update(states, windows)
         stream.advance()
     model.train(was_training)
     loss = total / chunks
@@ -164,8 +166,9 @@ class Builder:
         chunk = self.stream.observe()
         self.model.train()
         with autocast(b.dtype):
-            carried = self.memory.states if self.cfg.context.carry_memory else None
-            logits, states = self.model(chunk.tokens[:, :-1], carried)
+            c = self.cfg.context
+            logits, states, windows = self.model(chunk.tokens[:, :-1], self.memory.states if c.carry_memory else None,
+                                                 self.memory.windows if c.carry_attention else None)
             loss = lm_loss(logits, chunk.tokens[:, 1:])
         loss.backward()
         clip = b.grad_clip if b.grad_clip is not None else math.inf
@@ -174,7 +177,7 @@ class Builder:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self.memory.update(states)
+        self.memory.update(states, windows)
         self.stream.advance()
         self.step += 1
         self.document_ends += chunk.count("document_end")
@@ -186,7 +189,7 @@ class Builder:
         c = self.cfg.context
         return evaluate_model(self.model, self.root, seq_len=c.seq_len, lanes=c.batch_size,
                               max_chunks=self.cfg.build.eval_chunks, dtype=self.cfg.build.dtype,
-                              carry_memory=c.carry_memory)
+                              carry_memory=c.carry_memory, carry_attention=c.carry_attention)
 
     def fit(self, show_progress: bool = True) -> BuildResult:
         b = self.cfg.build
@@ -251,7 +254,8 @@ def evaluate_run(runs_root: Path, run_id: str, *, max_chunks: int | None = None,
     c = cfg.context
     values = evaluate_model(model, c.mixture.out_dir, seq_len=c.seq_len, lanes=c.batch_size, max_chunks=max_chunks,
                             dtype=cfg.build.dtype,
-                            carry_memory=c.carry_memory if carry_memory is None else carry_memory)
+                            carry_memory=c.carry_memory if carry_memory is None else carry_memory,
+                            carry_attention=c.carry_attention)
     values["step"] = float(ckpt.step)
     values["parameters"] = float(sum(p.numel() for p in model.parameters()))
     name = "eval.json" if carry_memory is None else f"eval-carry-{str(carry_memory).lower()}.json"

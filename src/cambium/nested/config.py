@@ -101,6 +101,10 @@ class ContextConfig(ConfigModel):
         True, description="carry each lane's memory state across chunks (context memory); false restarts every chunk "
         "from the learned initial memory (an ablation: the memory then sees only its chunk)"
     )
+    carry_attention: bool = Field(
+        False, description="carry each level's last window-1 attention inputs across chunks, so that every token "
+        "attends to a full window (false: attention sees the current chunk only)"
+    )
 
 
 class BuildConfig(ConfigModel):

@@ -8,8 +8,10 @@ Block (pre-norm), h = RMSNorm(x):
     swa:  x ← x + SWA(h)                       the baseline of the same window
     then  x ← x + SwiGLU(RMSNorm(x))
 
-Attention sees the window inside the current chunk only; the memory carries its state across chunks (context
-memory), so it is the only path by which a token sees text before its chunk.
+By default attention sees the window inside the current chunk only, and the memory, which carries its state across
+chunks (context memory), is the only path by which a token sees text before its chunk. Passing each level's last
+window − 1 attention inputs (`windows`, what `forward` returns) lets every token attend to a full window across the
+chunk boundary (keys and values are recomputed from the carried inputs; RoPE is relative, so positions restart).
 
 State lifetimes (NES-7): parameters (projections, gates, the learned initial memory) are the outer loop and are
 serialised; the inner loop (memory updates token by token) runs inside `forward`; the final memory of each level is
@@ -36,6 +38,23 @@ __all__ = ["ContextMemory", "NestedBlock", "NestedLM", "count_parameters"]
 
 BUILT_COMPOSITIONS = ("mag", "swa")
 LevelStates = list[MemoryState | None]
+LevelWindows = list[torch.Tensor | None]
+
+
+def windowed_attention(attn: Attention, h: torch.Tensor, past: torch.Tensor | None) -> torch.Tensor:
+    """Sliding-window attention of the chunk h `[B, T, D]` over [past; h], past `[B, P, D]` (P < window) the inputs
+    before the chunk → `[B, T, D]`. With no past it is `attn(h)`."""
+    if past is None or past.shape[1] == 0:
+        return attn(h)
+    assert attn.window is not None and past.shape[1] < attn.window
+    p, t = past.shape[1], h.shape[1]
+    q, k, v = attn.project(torch.cat([past.to(h.dtype), h], dim=1))
+    i = torch.arange(t, device=h.device)[:, None] + p
+    j = torch.arange(p + t, device=h.device)[None, :]
+    mask = (j <= i) & (i - j < attn.window)
+    out = F.scaled_dot_product_attention(q[:, p:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask, scale=attn.head_dim**-0.5)
+    return attn.wo(out.transpose(1, 2).flatten(2))
 
 
 class NestedBlock(nn.Module):
@@ -44,19 +63,24 @@ class NestedBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int, seed: int) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.heads, window=cfg.window, max_seq_len=max_seq_len)
+        self.attn = Attention(cfg.dim, cfg.heads, window=cfg.window, max_seq_len=max_seq_len + (cfg.window or 0))
         self.memory = MemoryLayer(cfg.dim, cfg.heads, cfg.memory, seed=seed) if cfg.composition == "mag" else None
         self.norm2 = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
 
-    def forward(self, x: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState | None]:
+    def forward(self, x: torch.Tensor, state: MemoryState | None = None, past: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, MemoryState | None, torch.Tensor]:
+        """x `[B, T, D]`, memory state, past attention inputs `[B, P, D]` → (`[B, T, D]`, memory state, the last
+        window − 1 attention inputs `[B, P', D]`)."""
         h = self.norm1(x)
-        a = self.attn(h)
+        a = windowed_attention(self.attn, h, past)
         if self.memory is not None:
             m, state = self.memory(h, state)
             a = a * torch.sigmoid(m)
         x = x + a
-        return x + self.mlp(self.norm2(x)), state
+        keep = (self.attn.window or 1) - 1
+        seen = h if past is None else torch.cat([past.to(h.dtype), h], dim=1)
+        return x + self.mlp(self.norm2(x)), state, seen[:, seen.shape[1] - min(keep, seen.shape[1]):]
 
 
 class NestedLM(nn.Module):
@@ -81,16 +105,20 @@ class NestedLM(nn.Module):
     def has_memory(self) -> bool:
         return self.cfg.composition == "mag"
 
-    def forward(self, tokens: torch.Tensor, states: Sequence[MemoryState | None] | None = None
-                ) -> tuple[torch.Tensor, LevelStates]:
-        """tokens `[B, T]` int64, states one per level (None: the learned initial memory) → (`[B, T, V]`, states)."""
+    def forward(self, tokens: torch.Tensor, states: Sequence[MemoryState | None] | None = None,
+                windows: Sequence[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, LevelStates, LevelWindows]:
+        """tokens `[B, T]` int64, memory states and past attention inputs per level (None: the learned initial
+        memory; the chunk only) → (logits `[B, T, V]`, memory states, attention inputs to carry)."""
         x = self.embed(tokens)
         states = list(states) if states is not None else [None] * len(self.levels)
+        windows = list(windows) if windows is not None else [None] * len(self.levels)
         out: LevelStates = []
-        for level, state in zip(self.levels, states, strict=True):
-            x, new = level(x, state)
+        seen: LevelWindows = []
+        for level, state, past in zip(self.levels, states, windows, strict=True):
+            x, new, window = level(x, state, past)
             out.append(new)
-        return self.head(self.norm(x)), out
+            seen.append(window)
+        return self.head(self.norm(x)), out, seen
 
 
 def count_parameters(cfg: ModelConfig, max_seq_len: int = 16) -> int:
@@ -109,16 +137,21 @@ class ContextMemory:
     """Context memory: the per-level memory state carried across chunks, `[B, ...]` per tensor, always detached.
 
     It persists across forward calls and is checkpointed next to the stream cursor (`state_dict` holds tensors).
-    Before the first chunk it is empty and every level starts from its learned initial memory.
+    Before the first chunk it is empty and every level starts from its learned initial memory. `windows` holds each
+    level's last window − 1 attention inputs `[B, P, D]`, for builds that carry attention across chunks too.
     """
 
     def __init__(self, n_levels: int) -> None:
         self.n_levels = n_levels
         self.states: LevelStates = [None] * n_levels
+        self.windows: LevelWindows = [None] * n_levels
 
-    def update(self, states: Sequence[MemoryState | None]) -> None:
+    def update(self, states: Sequence[MemoryState | None], windows: Sequence[torch.Tensor | None] | None = None
+               ) -> None:
         self.states = [None if s is None else MemoryState(tuple(p.detach() for p in s.params),
                                                           tuple(o.detach() for o in s.opt)) for s in states]
+        if windows is not None:
+            self.windows = [None if w is None else w.detach() for w in windows]
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"n_levels": self.n_levels}
@@ -126,6 +159,9 @@ class ContextMemory:
             if s is not None:
                 out.update({f"l{i}.params.{j}": p.clone() for j, p in enumerate(s.params)})
                 out.update({f"l{i}.opt.{j}": o.clone() for j, o in enumerate(s.opt)})
+        for i, w in enumerate(self.windows):
+            if w is not None:
+                out[f"l{i}.window"] = w.clone()
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -137,6 +173,7 @@ class ContextMemory:
             params = _indexed(state, f"l{i}.params.")
             opt = _indexed(state, f"l{i}.opt.")
             self.states.append(MemoryState(params, opt) if params else None)
+        self.windows = [state.get(f"l{i}.window") for i in range(self.n_levels)]
 
 
 def _indexed(state: dict[str, Any], prefix: str) -> tuple[torch.Tensor, ...]:

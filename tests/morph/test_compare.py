@@ -1,0 +1,106 @@
+"""MOR-11 comparison: three registered arms, a larger static host sized from the morph run, a report from their data."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+
+from cambium.core.config import load
+from cambium.core.errors import ConfigError
+from cambium.core.runs import list_runs
+from cambium.morph.compare import seed_segments
+from cambium.morph.config import CONFIG_MODEL
+from cambium.morph.hosts import HostCNN, host_cnn_params, widths_for_params
+
+
+@pytest.mark.parametrize("widths", [(3,), (4, 8, 8), (8, 16, 16), (5, 7, 11, 13)])
+def test_host_cnn_params_matches_the_module(widths):
+    assert host_cnn_params(widths, 10) == sum(p.numel() for p in HostCNN(widths, 10).parameters())
+
+
+def test_widths_for_params_is_the_smallest_widening_that_reaches_the_target():
+    base = (8, 16, 16)
+    assert widths_for_params(base, 10, host_cnn_params(base)) == (base, 1.0)
+    wide, mult = widths_for_params(base, 10, 4818)
+    assert host_cnn_params(wide) >= 4818 and mult > 1.0
+    # Smallest: the previous multiplier does not reach the target.
+    previous = tuple(math.ceil(w * (mult - 0.05) - 1e-9) for w in base)
+    assert host_cnn_params(previous) < 4818
+
+
+def test_widths_for_params_raises_config_error_when_out_of_reach():
+    with pytest.raises(ConfigError, match="param_ratio"):
+        widths_for_params((2,), 10, 10**9, max_mult=4.0)
+
+
+def test_seed_segments_spans_states_between_boundaries():
+    timeline = [
+        {"epoch": 1, "target": "GERMINATED"}, {"epoch": 2, "target": "LOADING"}, {"epoch": 2, "target": "TRAINING"},
+        {"epoch": 3, "target": "CULLED"}, {"epoch": 5, "target": "DORMANT"},
+    ]
+    assert seed_segments(timeline, 6) == [
+        ("DORMANT", 0, 1), ("GERMINATED", 1, 2), ("TRAINING", 2, 3), ("CULLED", 3, 5), ("DORMANT", 5, 6),
+    ]
+    assert seed_segments([], 4) == [("DORMANT", 0, 4)]
+
+
+def _table_rows(md: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in md.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.match(r"(morph|static-large|static) \(", cells[0]) if line.startswith("|") else None
+        if m:
+            rows[m.group(1)] = cells
+    return rows
+
+
+def test_compare_cli_writes_report_of_three_registered_arms(tmp_path):
+    from typer.testing import CliRunner
+
+    from cambium.morph.cli import app
+
+    runs = tmp_path / "runs"
+    args = ["compare", "--config", "configs/morph/tiny.toml", "--runs-dir", str(runs), "--set", "train.epochs=2",
+            "--set", "data.limit=128", "--set", f"library.root={tmp_path}/urza"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    records = {r.name: r for r in list_runs(runs, "morph")}
+    assert set(records) == {"tiny", "tiny-static", "tiny-static-large"}
+    assert all(r.status == "finished" for r in records.values())
+    reports = {name: json.loads((r.dir / "report.json").read_text()) for name, r in records.items()}
+    configs = {name: load(r.dir / "config.toml", CONFIG_MODEL) for name, r in records.items()}
+    morph, static, large = reports["tiny"], reports["tiny-static"], reports["tiny-static-large"]
+    assert morph["morphogenetic"] and not static["morphogenetic"] and not large["morphogenetic"]
+    # Same data, epochs, optimizer and seed; only the host widths and morphogenesis differ.
+    for name in ("tiny-static", "tiny-static-large"):
+        for section in ("data", "train"):
+            a = getattr(configs["tiny"], section).model_dump()
+            b = getattr(configs[name], section).model_dump()
+            a.pop("morphogenetic", None), b.pop("morphogenetic", None)
+            assert a == b, (name, section)
+    assert configs["tiny-static"].model.widths == configs["tiny"].model.widths
+    assert large["params"] >= morph["params"] and large["params"] > morph["host_params"]
+    assert large["params"] == host_cnn_params(configs["tiny-static-large"].model.widths)
+
+    out = records["tiny"].dir / "compare"
+    assert f"report: {out / 'report.md'}" in result.output.replace("\n", "")
+    for png in ("accuracy.png", "seeds.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "report.md").read_text()
+    assert "](accuracy.png)" in md and "](seeds.png)" in md
+    rows = _table_rows(md)
+    for label, name in (("morph", "tiny"), ("static", "tiny-static"), ("static-large", "tiny-static-large")):
+        cells, rep = rows[label], reports[name]
+        assert cells[1] == f"`{rep['run_id']}`"
+        assert cells[3:6] == [f"{rep['val_acc']:.4f}", f"{rep['test_acc']:.4f}", str(rep["params"])], label
+    summary = json.loads((out / "compare.json").read_text())
+    for arm, name in zip(summary["arms"], ("tiny", "tiny-static", "tiny-static-large"), strict=True):
+        for key in ("val_acc", "test_acc", "params", "run_id"):
+            assert arm[key] == reports[name][key], (name, key)
+        assert len(arm["val_acc_per_epoch"]) == 2
+    for loc, seed in morph["seeds"].items():
+        assert f"`{loc}` (final {seed['state']})" in md
+        assert [tuple(s) for s in summary["seed_segments"][loc]] == seed_segments(seed["timeline"], 2)
