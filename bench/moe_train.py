@@ -19,7 +19,8 @@ shared with other jobs, `--threads 1` measures the code and the default (torch's
 contention: two threads stall on each other's preemption. `detail` of the
 `mfu` record also holds the component breakdown (forward + backward of each part in isolation at the step's shapes,
 times its count per step) and, unless `--no-profile`, the torch.profiler self-time of one step by operator class.
-`--quick` shrinks the model (the `quick` shape of bench.moe_vs_dense) so it only checks that everything runs.
+`--quick` shrinks the model (the `quick` shape of bench.moe_vs_dense) and uses one thread unless `--threads` says
+otherwise, so it only checks that everything runs.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ def fwd_bwd_seconds(trainer: Trainer, repeats: int, clock: Callable[[], float] =
     model = trainer.model
 
     def run() -> None:
+        model.zero_grad(set_to_none=True)  # as in a training step: the backward writes fresh gradients
         out = model(batch[:, :-1])
         (lm_loss(out.logits, batch[:, 1:]) + out.aux_loss).backward()
     result = best_and_median(run, repeats, clock=clock)

@@ -14,6 +14,7 @@ from cambium.demo import demo_command
 from cambium.market.cli import app as market_app
 from cambium.moe.cli import app as moe_app
 from cambium.morph.cli import app as morph_app
+from cambium.nested.cli import app as nested_app
 from cambium.screener.cli import app as screener_app
 from cambium.worldmodel.cli import app as worldmodel_app
 
@@ -30,6 +31,7 @@ app.add_typer(config_app, name="config")
 app.add_typer(market_app, name="market")
 app.add_typer(moe_app, name="moe")
 app.add_typer(morph_app, name="morph")
+app.add_typer(nested_app, name="nested")
 app.add_typer(screener_app, name="screener")
 app.add_typer(worldmodel_app, name="worldmodel")
 

@@ -16,6 +16,7 @@ DEMOS: list[tuple[str, str]] = [
     ("market", "cambium.market.cli"),
     ("moe", "cambium.moe.cli"),
     ("morph", "cambium.morph.cli"),
+    ("nested", "cambium.nested.cli"),
     ("screener", "cambium.screener.cli"),
     ("worldmodel", "cambium.worldmodel.cli"),
 ]
