@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from cambium.core.config import load
 from cambium.core.metrics import read_metrics
@@ -68,6 +69,14 @@ def test_param_groups_split_by_kind(mixture_dir: Path) -> None:
     assert all(model.get_parameter(n).ndim == 2 for n in names["dense_matrix"])
     assert opt.kinds[[g["name"] for g in opt.param_groups].index("dense_matrix")] == "muon"
     assert sum(len(v) for v in names.values()) == len(list(model.parameters()))
+    assert opt.kinds[[g["name"] for g in opt.param_groups].index("expert")] == "adamw"
+    with_experts = build_optim(tiny(mixture_dir, "optim.muon_experts=true"), model)
+    assert with_experts.kinds[[g["name"] for g in with_experts.param_groups].index("expert")] == "muon"
+    loss = model(torch.randint(0, 512, (2, 16))).logits.square().mean()
+    loss.backward()
+    before = model.blocks[1].ffn.w13.detach().clone()
+    with_experts.step()
+    assert not torch.equal(before, model.blocks[1].ffn.w13)
 
 
 def test_sigkill_and_resume_give_bitwise_identical_metrics(mixture_dir: Path, tmp_path: Path) -> None:

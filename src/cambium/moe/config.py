@@ -140,6 +140,8 @@ class OptimConfig(ConfigModel):
     """
 
     muon: bool = Field(True, description="Muon for the 2-D dense matrices (AdamW for everything else)")
+    muon_experts: bool = Field(False, description="with muon: also Muon for the routed experts, each expert's "
+                               "matrix orthogonalised on its own (else AdamW)")
     dense_lr: float = Field(3e-3, description="peak lr of attention, dense SwiGLU, shared experts and norms", gt=0)
     expert_lr: float = Field(3e-3, description="peak lr of the routed experts (AdamW)", gt=0)
     router_lr: float = Field(1e-3, description="peak lr of the router weights (AdamW)", gt=0)

@@ -47,13 +47,15 @@ def build_model(cfg: MoEConfig) -> MoETransformer:
 
 
 def build_optim(cfg: MoEConfig, model: MoETransformer) -> MuonWithAdamW:
-    """Groups by `model.param_kind`: embedding, router, expert (AdamW) and dense (Muon for 2-D, AdamW for the rest)."""
+    """Groups by `model.param_kind`: embedding, router, expert (AdamW, or Muon per expert with `muon_experts`) and
+    dense (Muon for 2-D, AdamW for the rest)."""
     o = cfg.optim
     wd = o.weight_decay
     specs = [
         ParamGroupSpec(name="embedding", lr=o.embedding_lr, weight_decay=0.0, betas=o.betas),
         ParamGroupSpec(name="router", lr=o.router_lr, weight_decay=0.0, betas=o.betas),
-        ParamGroupSpec(name="expert", lr=o.expert_lr, weight_decay=wd, betas=o.betas),
+        ParamGroupSpec(name="expert", lr=o.expert_lr, weight_decay=wd, betas=o.betas, stacked=o.muon and o.muon_experts,
+                       optimizer="muon" if o.muon and o.muon_experts else "adamw", update_scale="moonlight"),
         ParamGroupSpec(name="dense_matrix", lr=o.dense_lr, weight_decay=wd, betas=o.betas, ndims=(2,),
                        optimizer="muon" if o.muon else "adamw", update_scale="moonlight"),
         ParamGroupSpec(name="dense_other", lr=o.dense_lr, weight_decay=0.0, betas=o.betas),
@@ -285,6 +287,9 @@ def train(cfg: MoEConfig, runs_root: Path, *, resume: str | None = None, reporte
     else:
         run = open_run(runs_root, resume, config=cfg)
     with run:
+        # The peak depends on the thread count: set it before the peak is looked up (or measured).
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
         peak = load_or_measure_peak(runs_root) if measure_peak else None
         trainer = Trainer(cfg, run, resume=resume is not None, reporter=reporter, peak=peak)
         return trainer.fit(show_progress=show_progress)
