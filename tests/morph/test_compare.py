@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 
 import pytest
 
@@ -47,17 +46,19 @@ def test_seed_segments_spans_states_between_boundaries():
     assert seed_segments([], 4) == [("DORMANT", 0, 4)]
 
 
-def _table_rows(md: str) -> dict[str, list[str]]:
-    rows = {}
-    for line in md.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        m = re.match(r"(morph|static-large|static) \(", cells[0]) if line.startswith("|") else None
-        if m:
-            rows[m.group(1)] = cells
+def _table_rows(md: str, header: str) -> list[list[str]]:
+    """The cells of the Markdown table whose header row starts with `header`."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {header} |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
     return rows
 
 
-def test_compare_cli_writes_report_of_three_registered_arms(tmp_path):
+def _compare(tmp_path, *extra):
     from typer.testing import CliRunner
 
     from cambium.morph.cli import app
@@ -65,8 +66,15 @@ def test_compare_cli_writes_report_of_three_registered_arms(tmp_path):
     runs = tmp_path / "runs"
     args = ["compare", "--config", "configs/morph/tiny.toml", "--runs-dir", str(runs), "--set", "train.epochs=2",
             "--set", "data.limit=128", "--set", f"library.root={tmp_path}/urza"]
+    for item in extra:
+        args += ["--set", item]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
+    return runs, result.output
+
+
+def test_compare_cli_writes_report_of_three_registered_arms(tmp_path):
+    runs, output = _compare(tmp_path)
     records = {r.name: r for r in list_runs(runs, "morph")}
     assert set(records) == {"tiny", "tiny-static", "tiny-static-large"}
     assert all(r.status == "finished" for r in records.values())
@@ -86,21 +94,65 @@ def test_compare_cli_writes_report_of_three_registered_arms(tmp_path):
     assert large["params"] == host_cnn_params(configs["tiny-static-large"].model.widths)
 
     out = records["tiny"].dir / "compare"
-    assert f"report: {out / 'report.md'}" in result.output.replace("\n", "")
+    assert f"report: {out / 'report.md'}" in output.replace("\n", "")
     for png in ("accuracy.png", "seeds.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "](accuracy.png)" in md and "](seeds.png)" in md
-    rows = _table_rows(md)
+    every_run = {row[0]: row for row in _table_rows(md, "arm | train seed")}
     for label, name in (("morph", "tiny"), ("static", "tiny-static"), ("static-large", "tiny-static-large")):
-        cells, rep = rows[label], reports[name]
-        assert cells[1] == f"`{rep['run_id']}`"
-        assert cells[3:6] == [f"{rep['val_acc']:.4f}", f"{rep['test_acc']:.4f}", str(rep["params"])], label
+        cells, rep = every_run[label], reports[name]
+        assert cells[1:3] == ["0", f"`{rep['run_id']}`"]
+        assert cells[4:7] == [f"{rep['val_acc']:.4f}", f"{rep['test_acc']:.4f}", str(rep["params"])], label
     summary = json.loads((out / "compare.json").read_text())
-    for arm, name in zip(summary["arms"], ("tiny", "tiny-static", "tiny-static-large"), strict=True):
+    for arm, name in zip(summary["runs"], ("tiny", "tiny-static", "tiny-static-large"), strict=True):
         for key in ("val_acc", "test_acc", "params", "run_id"):
             assert arm[key] == reports[name][key], (name, key)
         assert len(arm["val_acc_per_epoch"]) == 2
+    # One seed: the paired difference is the plain difference, with no spread.
+    paired = summary["summary"]["paired"]["morph - static-large"]
+    assert paired["val_acc"]["mean"] == pytest.approx(morph["val_acc"] - large["val_acc"])
+    assert paired["val_acc"]["sd"] == 0.0 and paired["seeds"] == 1
     for loc, seed in morph["seeds"].items():
         assert f"`{loc}` (final {seed['state']})" in md
-        assert [tuple(s) for s in summary["seed_segments"][loc]] == seed_segments(seed["timeline"], 2)
+        assert [tuple(s) for s in summary["seed_segments"]["0"][loc]] == seed_segments(seed["timeline"], 2)
+
+
+def test_compare_over_train_seeds_pairs_runs_by_seed_and_sizes_one_large_host(tmp_path):
+    runs, output = _compare(tmp_path, "compare.train_seeds=[3, 5]", "train.lr_schedule=cosine", "train.lr_floor=0.1")
+    records = list_runs(runs, "morph")
+    assert len(records) == 6
+    reports = [json.loads((r.dir / "report.json").read_text()) for r in records]
+    configs = [load(r.dir / "config.toml", CONFIG_MODEL) for r in records]
+    by_arm: dict[str, dict[int, dict]] = {}
+    for rec, rep, cfg in zip(records, reports, configs, strict=True):
+        by_arm.setdefault(rec.name, {})[cfg.train.seed] = {"report": rep, "widths": cfg.model.widths}
+    assert {name: sorted(v) for name, v in by_arm.items()} == {
+        "tiny": [3, 5], "tiny-static": [3, 5], "tiny-static-large": [3, 5]}
+    # One larger host for every seed, at least as large as the largest morph run.
+    (wide,) = {v["widths"] for v in by_arm["tiny-static-large"].values()}
+    biggest = max(v["report"]["params"] for v in by_arm["tiny"].values())
+    assert host_cnn_params(wide) >= biggest
+    morph_dir = next(r.dir for r in records if r.name == "tiny" and load(r.dir / "config.toml", CONFIG_MODEL
+                                                                          ).train.seed == 3)
+    data = json.loads((morph_dir / "compare" / "compare.json").read_text())
+    summary = data["summary"]
+    vals = [by_arm["tiny"][s]["report"]["val_acc"] for s in (3, 5)]
+    assert summary["arms"]["morph"]["val_acc"]["mean"] == pytest.approx(sum(vals) / 2)
+    assert summary["arms"]["morph"]["val_acc"]["sd"] == pytest.approx(abs(vals[0] - vals[1]) / math.sqrt(2))
+    diffs = [by_arm["tiny"][s]["report"]["test_acc"] - by_arm["tiny-static"][s]["report"]["test_acc"]
+             for s in (3, 5)]
+    paired = summary["paired"]["morph - static"]["test_acc"]
+    assert paired["mean"] == pytest.approx(sum(diffs) / 2)
+    assert paired["morph_at_least_as_good"] == sum(d >= 0 for d in diffs)
+    assert set(data["seed_segments"]) == {"3", "5"}
+    md = (morph_dir / "compare" / "report.md").read_text()
+    assert "Train seed 5" in md and "morph - static-large" in output
+    lr = configs[0].train.lr
+    assert f"host lr {lr:g} on a cosine to {lr * 0.1:g}" in md
+    assert all(c.train.lr_schedule == "cosine" for c in configs)  # every arm on the same schedule
+
+
+def test_duplicate_train_seeds_are_a_config_error():
+    with pytest.raises(ConfigError, match="train_seeds"):
+        load("configs/morph/tiny.toml", CONFIG_MODEL, ["compare.train_seeds=[1, 1]"])

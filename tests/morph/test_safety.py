@@ -313,3 +313,38 @@ def test_fine_tuning_gate_failure_restores_the_host_from_fine_tuning_start(h):
                for c in h.m.kasmina.seeds["1"].life.history)
     for k, v in h.m.model.host.state_dict().items():
         assert torch.equal(v, at_start[k]), k
+
+
+def test_freeze_host_in_chooses_the_frozen_states(tmp_path):
+    """With freeze_host_in = [TRAINING] the host is still during TRAINING and trains again from GRAFTING on."""
+    h = Harness(tmp_path, freeze_host_in=("TRAINING",))
+    try:
+        _warm(h)
+        assert h.germinate(_good(h))
+        snapshots: dict[SeedState, dict[str, torch.Tensor]] = {}
+        for _ in range(8):
+            before = copy.deepcopy(h.m.model.host.state_dict())
+            state = h.state()
+            h.run_epoch()
+            if state in (S.TRAINING, S.GRAFTING):
+                snapshots[state] = before
+            if h.state() == S.STABILIZATION:
+                break
+        assert set(snapshots) == {S.TRAINING, S.GRAFTING}
+        # The epoch spent in TRAINING left the host untouched; the one in GRAFTING moved it.
+        host = dict(h.m.model.host.named_parameters())
+        grafting_start = snapshots[S.GRAFTING]
+        assert any(not torch.equal(host[k], grafting_start[k]) for k in host)
+        training_start = snapshots[S.TRAINING]
+        assert all(torch.equal(grafting_start[k], training_start[k]) for k in training_start)
+    finally:
+        h.close()
+
+
+def test_freeze_host_in_must_include_training():
+    from cambium.core.config import load
+    from cambium.core.errors import ConfigError
+    from cambium.morph.config import CONFIG_MODEL
+
+    with pytest.raises(ConfigError, match="must include TRAINING"):
+        load("configs/morph/tiny.toml", CONFIG_MODEL, ['lifecycle.freeze_host_in=["GRAFTING"]'])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
+import pytest
 import torch
 
 from cambium.core.checkpoint import latest_checkpoint, load_checkpoint
@@ -11,7 +13,7 @@ from cambium.core.config import load
 from cambium.core.metrics import read_metrics
 from cambium.core.runs import get_run, list_runs
 from cambium.morph.config import CONFIG_MODEL
-from cambium.morph.train import train
+from cambium.morph.train import lr_factor, train
 
 
 def _cfg(tmp_path, *extra):
@@ -31,11 +33,14 @@ def test_tiny_run_registers_logs_and_reports(tmp_path):
     assert any(s["timeline"] for s in saved["seeds"].values())
 
 
-def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path):
-    full = train(_cfg(tmp_path / "a"), name="full", runs_root=tmp_path / "a" / "runs")
-    part = train(_cfg(tmp_path / "b"), name="part", runs_root=tmp_path / "b" / "runs", stop_after=2)
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path, schedule):
+    sets = (f"train.lr_schedule={schedule}", "train.lr_floor=0.1")
+    full = train(_cfg(tmp_path / "a", *sets), name="full", runs_root=tmp_path / "a" / "runs")
+    part = train(_cfg(tmp_path / "b", *sets), name="part", runs_root=tmp_path / "b" / "runs", stop_after=2)
     assert part["epochs_done"] == 2
-    resumed = train(_cfg(tmp_path / "b"), name="part", runs_root=tmp_path / "b" / "runs", resume=part["run_id"])
+    resumed = train(_cfg(tmp_path / "b", *sets), name="part", runs_root=tmp_path / "b" / "runs",
+                    resume=part["run_id"])
     assert resumed["epochs_done"] == 3
     for key in ("val_acc", "test_acc", "params", "steps"):
         assert resumed[key] == full[key], key
@@ -51,6 +56,29 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path):
     for k in ma:
         assert torch.equal(ma[k], mb[k]), k
     assert ck["a"].data_cursor["kasmina"]["seeds"] == ck["b"].data_cursor["kasmina"]["seeds"]
+    oa, ob = ck["a"].states["optimizer"], ck["b"].states["optimizer"]
+    assert [g["lr"] for g in oa["param_groups"]] == [g["lr"] for g in ob["param_groups"]]
+
+
+def test_lr_factor_is_constant_or_a_cosine_to_the_floor():
+    cfg = _cfg("/tmp/unused", "train.lr_schedule=cosine", "train.lr_floor=0.1").train
+    got = [lr_factor(cfg, s, 100) for s in range(101)]
+    assert got[0] == 1.0 and got[100] == pytest.approx(0.1) and got[50] == pytest.approx(0.55)
+    assert all(a > b for a, b in itertools.pairwise(got))
+    flat = _cfg("/tmp/unused").train
+    assert flat.lr_schedule == "constant" and {lr_factor(flat, s, 100) for s in range(101)} == {1.0}
+
+
+@pytest.mark.parametrize("morphogenetic", [True, False])
+def test_cosine_schedule_ends_every_host_group_at_the_floor(tmp_path, morphogenetic):
+    cfg = _cfg(tmp_path, "train.lr_schedule=cosine", "train.lr_floor=0.1",
+               f"train.morphogenetic={str(morphogenetic).lower()}")
+    rep = train(cfg, name="cos", runs_root=tmp_path / "runs")
+    ck = load_checkpoint(latest_checkpoint(get_run(tmp_path / "runs", rep["run_id"]).dir / "checkpoints"))
+    groups = ck.states["optimizer"]["param_groups"]
+    assert rep["steps"] == ck.step > 0
+    for g in groups:  # the lr the next step would use: 0.1 × the group's base lr, fossilized seeds' groups included
+        assert g["lr"] == pytest.approx(0.1 * g["initial_lr"]) and g["initial_lr"] == cfg.train.lr
 
 
 def test_cli_train_static_baseline_and_report(tmp_path):

@@ -55,13 +55,18 @@ def compare_command(
     = Path("runs"),
 ) -> None:
     """MOR-11: train morphogenetic, same-host static and larger static runs; write report.md and figures."""
-    from cambium.morph.compare import compare
+    from cambium.morph.compare import compare, summarize
 
     cfg = load(config, CONFIG_MODEL, list(overrides or []))
     result = compare(cfg, name=config.stem, runs_root=runs_dir)
     for arm in result.arms:
-        typer.echo(f"{arm.label:>12}: val_acc {arm.report['val_acc']:.4f} test_acc {arm.report['test_acc']:.4f} "
-                   f"params {arm.report['params']} widths {list(arm.widths)} (run {arm.run_id})")
+        typer.echo(f"{arm.label:>12} seed {arm.train_seed}: val_acc {arm.report['val_acc']:.4f} "
+                   f"test_acc {arm.report['test_acc']:.4f} params {arm.report['params']} widths {list(arm.widths)} "
+                   f"(run {arm.run_id})")
+    summary = summarize(result)
+    for name, e in summary["paired"].items():
+        typer.echo(f"{name}: val_acc {e['val_acc']['mean']:+.4f} ± {e['val_acc']['sd']:.4f}, test_acc "
+                   f"{e['test_acc']['mean']:+.4f} ± {e['test_acc']['sd']:.4f} over {e['seeds']} seed(s)")
     typer.echo(f"report: {result.report_path}")
 
 

@@ -1,23 +1,27 @@
-"""MOR-11: a morphogenetic run against the same host without seeds and against a larger static host.
+"""MOR-11: morphogenetic runs against the same host without seeds and against a larger static host.
 
-`compare(cfg, name=...)` trains three registered runs with the same data, epochs, optimizer and seed:
+`compare(cfg, name=...)` trains three registered arms with the same data, epochs and optimizer, each once per RNG seed
+of `compare.train_seeds` (or `train.seed` alone), so every arm sees the same seeds and data orders:
 
 - `morph`: the config as given, morphogenetic;
 - `static`: the same host, `train.morphogenetic = false`;
-- `static-large`: a static host whose widths are the smallest uniform widening of `model.widths` with at least
-  `compare.param_ratio` × the morphogenetic run's final parameter count, and more than the host's (sized after that
-  run finishes; seeds still in flight at the end are not host parameters and do not count).
+- `static-large`: one static host whose widths are the smallest uniform widening of `model.widths` with at least
+  `compare.param_ratio` × the largest final parameter count of the morph runs, and more than the host's (sized after
+  those runs finish; seeds still in flight at the end are not host parameters and do not count). It is at least as
+  large as every morph run, so a morph run matching it is never helped by size.
 
-It then writes, under `<morph run dir>/compare/`: `compare.json` (the numbers), `accuracy.png` (validation accuracy
-per epoch of each arm), `seeds.png` (each seed's lifecycle state per epoch, Gantt-like) and `report.md` (a table of
-final val/test accuracy and parameter count per arm, the seed timelines in text, the figures). Every number comes from
-the runs' report.json and metrics.duckdb, never recomputed.
+It then writes, under `<first morph run dir>/compare/`: `compare.json` (every run's numbers, the per-arm summary and the
+paired differences), `accuracy.png` (validation accuracy per epoch: each arm's mean over seeds, with its min-max
+band), `seeds.png` (each seed location's lifecycle state per epoch, Gantt-like, per RNG seed) and `report.md` (per-arm
+mean ± standard deviation, the paired differences morph - static and morph - static-large, every run, the seed
+timelines). Every number comes from the runs' report.json and metrics.duckdb, never recomputed by training.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,12 +30,14 @@ from cambium.core.config import load_data
 from cambium.core.metrics import read_metrics
 from cambium.core.progress import get_logger
 from cambium.core.runs import get_run
-from cambium.morph.config import CONFIG_MODEL, MorphConfig
+from cambium.morph.config import CONFIG_MODEL, MorphConfig, TrainConfig
 from cambium.morph.hosts import widths_for_params
 
-__all__ = ["STATE_COLORS", "Arm", "Comparison", "compare", "seed_segments", "write_report"]
+__all__ = ["LABELS", "STATE_COLORS", "Arm", "Comparison", "compare", "seed_segments", "summarize", "write_report"]
 
 log = get_logger("cambium.morph.compare")
+
+LABELS = ("morph", "static", "static-large")
 
 # One colour per lifecycle state; failures are warm, the way to FOSSILIZED cool.
 STATE_COLORS: dict[str, str] = {
@@ -47,6 +53,7 @@ class Arm:
 
     label: str
     description: str
+    train_seed: int
     run_id: str
     run_dir: Path
     widths: tuple[int, ...]
@@ -63,6 +70,10 @@ class Comparison:
     def report_path(self) -> Path:
         return self.out_dir / "report.md"
 
+    def runs(self, label: str) -> list[Arm]:
+        """The runs of one arm, in train-seed order."""
+        return [a for a in self.arms if a.label == label]
+
 
 def _arm_config(cfg: MorphConfig, overrides: list[str]) -> MorphConfig:
     return load_data(cfg.model_dump(mode="json"), CONFIG_MODEL, overrides)
@@ -71,31 +82,41 @@ def _arm_config(cfg: MorphConfig, overrides: list[str]) -> MorphConfig:
 def _arm(label: str, description: str, cfg: MorphConfig, runs_root: Path, report: dict[str, Any]) -> Arm:
     run_dir = get_run(runs_root, report["run_id"]).dir
     rows = read_metrics(run_dir / "metrics.duckdb", ["val_acc"], run_id=report["run_id"])
-    return Arm(label, description, report["run_id"], run_dir, tuple(cfg.model.widths), report,
+    return Arm(label, description, cfg.train.seed, report["run_id"], run_dir, tuple(cfg.model.widths), report,
                [r.value for r in rows])
 
 
 def compare(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs") -> Comparison:
-    """Train the three arms (morph, static, static-large) and write the report; returns where it went."""
+    """Train the three arms (morph, static, static-large) once per train seed and write the report."""
     from cambium.morph.train import train
 
     runs_root = Path(runs_root)
-    morph_cfg = _arm_config(cfg, ["train.morphogenetic=true"])
-    static_cfg = _arm_config(cfg, ["train.morphogenetic=false"])
-    log.info("compare: training the morphogenetic arm")
-    morph = _arm("morph", "morphogenetic host", morph_cfg, runs_root, train(morph_cfg, name=name, runs_root=runs_root))
-    log.info("compare: training the same host without seeds")
-    static = _arm("static", "same host, no seeds", static_cfg, runs_root,
-                  train(static_cfg, name=f"{name}-static", runs_root=runs_root))
+    train_seeds = cfg.compare.train_seeds or (cfg.train.seed,)
+    arms: list[Arm] = []
+
+    def run(label: str, description: str, arm_cfg: MorphConfig, run_name: str) -> Arm:
+        log.info("compare: %s, train seed %d", description, arm_cfg.train.seed)
+        arm = _arm(label, description, arm_cfg, runs_root, train(arm_cfg, name=run_name, runs_root=runs_root))
+        arms.append(arm)
+        return arm
+
+    for s in train_seeds:
+        run("morph", "morphogenetic host", _arm_config(cfg, ["train.morphogenetic=true", f"train.seed={s}"]), name)
+    morphs = list(arms)
     # Strictly larger than the host even when nothing fossilized, so the third arm is never a copy of the second.
-    target = max(math.ceil(morph.report["params"] * cfg.compare.param_ratio), morph.report["host_params"] + 1)
+    target = max(math.ceil(max(a.report["params"] for a in morphs) * cfg.compare.param_ratio),
+                 morphs[0].report["host_params"] + 1)
     wide, mult = widths_for_params(cfg.model.widths, cfg.model.num_classes, target)
-    large_cfg = _arm_config(static_cfg, [f"model.widths=[{', '.join(str(w) for w in wide)}]"])
-    log.info("compare: training the larger static host %s (×%s, >= %d params)", list(wide), mult, target)
-    large = _arm("static-large", f"larger static host (widths ×{mult:g})", large_cfg, runs_root,
-                 train(large_cfg, name=f"{name}-static-large", runs_root=runs_root))
-    result = Comparison([morph, static, large], morph.run_dir / "compare")
-    write_report(result, epochs=cfg.train.epochs)
+    log.info("compare: the larger static host is %s (×%s, >= %d params)", list(wide), mult, target)
+    for s in train_seeds:
+        static_cfg = _arm_config(cfg, ["train.morphogenetic=false", f"train.seed={s}"])
+        run("static", "same host, no seeds", static_cfg, f"{name}-static")
+        large_cfg = _arm_config(static_cfg, [f"model.widths=[{', '.join(str(w) for w in wide)}]"])
+        run("static-large", f"larger static host (widths ×{mult:g})", large_cfg, f"{name}-static-large")
+    order = {label: k for k, label in enumerate(LABELS)}
+    arms.sort(key=lambda a: (order[a.label], train_seeds.index(a.train_seed)))
+    result = Comparison(arms, morphs[0].run_dir / "compare")
+    write_report(result, cfg.train)
     return result
 
 
@@ -118,11 +139,66 @@ def seed_segments(timeline: list[dict[str, Any]], epochs: int) -> list[tuple[str
     return spans
 
 
-def _table(arms: list[Arm]) -> list[str]:
-    lines = ["| arm | run | host widths | val acc | test acc | parameters |", "|---|---|---|---|---|---|"]
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(result: Comparison) -> dict[str, Any]:
+    """Per-arm mean/sd/min/max of val acc, test acc and parameters, and the paired (same train seed) differences
+    morph - static and morph - static-large with how many seeds morph was at least as accurate."""
+    out: dict[str, Any] = {"arms": {}, "paired": {}}
+    for label in LABELS:
+        runs = result.runs(label)
+        entry: dict[str, Any] = {"runs": len(runs), "widths": sorted({tuple(a.widths) for a in runs})}
+        for key in ("val_acc", "test_acc", "params"):
+            values = [float(a.report[key]) for a in runs]
+            mean, sd = _mean_sd(values)
+            entry[key] = {"mean": mean, "sd": sd, "min": min(values), "max": max(values)}
+        out["arms"][label] = entry
+    morph = {a.train_seed: a for a in result.runs("morph")}
+    for other in LABELS[1:]:
+        pairs = [(morph[a.train_seed], a) for a in result.runs(other) if a.train_seed in morph]
+        entry = {"seeds": len(pairs)}
+        for key in ("val_acc", "test_acc"):
+            diffs = [m.report[key] - o.report[key] for m, o in pairs]
+            mean, sd = _mean_sd(diffs)
+            entry[key] = {"mean": mean, "sd": sd, "morph_at_least_as_good": sum(d >= 0 for d in diffs)}
+        out["paired"][f"morph - {other}"] = entry
+    return out
+
+
+def _pm(stat: dict[str, float], fmt: str = ".4f") -> str:
+    return f"{stat['mean']:{fmt}} ± {stat['sd']:.4f}"
+
+
+def _summary_table(result: Comparison, summary: dict[str, Any]) -> list[str]:
+    lines = ["| arm | host widths | runs | val acc | test acc | parameters |", "|---|---|---|---|---|---|"]
+    for label in LABELS:
+        e, first = summary["arms"][label], result.runs(label)[0]
+        params = e["params"]
+        span = f"{params['mean']:.0f}" if params["min"] == params["max"] else (
+            f"{params['mean']:.0f} ({params['min']:.0f}-{params['max']:.0f})")
+        lines.append(f"| {label} ({first.description}) | {list(first.widths)} | {e['runs']} | {_pm(e['val_acc'])} "
+                     f"| {_pm(e['test_acc'])} | {span} |")
+    return lines
+
+
+def _paired_table(summary: dict[str, Any]) -> list[str]:
+    lines = ["| difference | seeds | val acc | test acc | morph at least as accurate (val / test) |",
+             "|---|---|---|---|---|"]
+    for name, e in summary["paired"].items():
+        lines.append(f"| {name} | {e['seeds']} | {_pm(e['val_acc'], '+.4f')} | {_pm(e['test_acc'], '+.4f')} "
+                     f"| {e['val_acc']['morph_at_least_as_good']} / {e['test_acc']['morph_at_least_as_good']} "
+                     f"of {e['seeds']} |")
+    return lines
+
+
+def _runs_table(arms: list[Arm]) -> list[str]:
+    lines = ["| arm | train seed | run | host widths | val acc | test acc | parameters |",
+             "|---|---|---|---|---|---|---|"]
     for a in arms:
         r = a.report
-        lines.append(f"| {a.label} ({a.description}) | `{a.run_id}` | {list(a.widths)} | {r['val_acc']:.4f} "
+        lines.append(f"| {a.label} | {a.train_seed} | `{a.run_id}` | {list(a.widths)} | {r['val_acc']:.4f} "
                      f"| {r['test_acc']:.4f} | {r['params']} |")
     return lines
 
@@ -135,36 +211,59 @@ def _timeline_text(seeds: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write_report(result: Comparison, *, epochs: int) -> Path:
+def write_report(result: Comparison, train: TrainConfig) -> Path:
     """compare.json, accuracy.png, seeds.png and report.md into `result.out_dir`; returns report.md's path."""
+    epochs = train.epochs
+    lr = f"host lr {train.lr:g}" + ("" if train.lr_schedule == "constant" else
+                                     f" on a cosine to {train.lr * train.lr_floor:g}")
     out = result.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    arms = {a.label: a for a in result.arms}
-    seeds: dict[str, Any] = arms["morph"].report.get("seeds", {})
-    segments = {loc: seed_segments(s["timeline"], epochs) for loc, s in seeds.items()}
-    summary = {
-        "arms": [{"label": a.label, "description": a.description, "run_id": a.run_id, "widths": list(a.widths),
-                  "val_acc": a.report["val_acc"], "test_acc": a.report["test_acc"], "params": a.report["params"],
-                  "epochs_done": a.report["epochs_done"], "val_acc_per_epoch": a.val_acc_per_epoch}
-                 for a in result.arms],
-        "seed_segments": segments,
+    morphs = result.runs("morph")
+    segments = {
+        a.train_seed: {loc: seed_segments(s["timeline"], epochs) for loc, s in a.report.get("seeds", {}).items()}
+        for a in morphs
     }
-    (out / "compare.json").write_text(json.dumps(summary, indent=2) + "\n")
-    _plot_accuracy(result.arms, out / "accuracy.png")
-    _plot_seeds(segments, {loc: str(s["state"]) for loc, s in seeds.items()}, epochs, out / "seeds.png")
-    morph = arms["morph"].report
+    summary = summarize(result)
+    data = {
+        "runs": [{"label": a.label, "description": a.description, "train_seed": a.train_seed, "run_id": a.run_id,
+                  "widths": list(a.widths), "val_acc": a.report["val_acc"], "test_acc": a.report["test_acc"],
+                  "params": a.report["params"], "epochs_done": a.report["epochs_done"],
+                  "val_acc_per_epoch": a.val_acc_per_epoch}
+                 for a in result.arms],
+        "summary": summary,
+        "seed_segments": {str(s): seg for s, seg in segments.items()},
+    }
+    (out / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
+    _plot_accuracy(result, out / "accuracy.png")
+    rows = {f"{loc} (seed {a.train_seed})" if len(morphs) > 1 else loc: segments[a.train_seed][loc]
+            for a in morphs for loc in segments[a.train_seed]}
+    finals = {f"{loc} (seed {a.train_seed})" if len(morphs) > 1 else loc: str(s["state"])
+              for a in morphs for loc, s in a.report.get("seeds", {}).items()}
+    _plot_seeds(rows, finals, epochs, out / "seeds.png")
+    seeds_list = ", ".join(str(a.train_seed) for a in morphs)
+    large = summary["arms"]["static-large"]["params"]["mean"]
     md = [
         "# Morphogenesis against static hosts (MOR-11)", "",
-        f"CIFAR-10 (committed images), {epochs} epochs, same data order, optimizer and seed in every arm. "
-        "Accuracy is top-1 on the held-out validation split and on the test batch.", "",
-        *_table(result.arms), "",
-        f"The morphogenetic host started at {morph['host_params']} parameters and ended at {morph['params']}; "
-        "the larger static host is the smallest uniform widening of the host with at least that many.", "",
+        f"CIFAR-10 (committed images), {epochs} epochs, {lr}, same data, optimizer and data order in every arm, "
+        f"each arm trained once per train seed ({seeds_list}). Accuracy is top-1 on the held-out validation split "
+        "and on the test batch, after the last epoch; ± is the standard deviation over seeds.", "",
+        *_summary_table(result, summary), "",
+        f"The morphogenetic host started at {morphs[0].report['host_params']} parameters and ended at "
+        f"{summary['arms']['morph']['params']['min']:.0f}-{summary['arms']['morph']['params']['max']:.0f}; the "
+        f"larger static host ({large:.0f}) is the smallest uniform widening of the host with at least as many as "
+        "the largest morph run.", "",
+        "## Paired differences (same train seed)", "",
+        *_paired_table(summary), "",
         "## Validation accuracy per epoch", "", "![validation accuracy per epoch](accuracy.png)", "",
-        "## Seed timeline (morphogenetic arm)", "",
+        "## Every run", "", *_runs_table(result.arms), "",
+        "## Seed timelines (morphogenetic arm)", "",
         "State changes as `STATE@epoch` (the boundary before that 0-based epoch):", "",
-        *(_timeline_text(seeds) or ["- no seeds"]), "", "![seed timeline](seeds.png)", "",
     ]
+    for a in morphs:
+        if len(morphs) > 1:
+            md += [f"Train seed {a.train_seed} (`{a.run_id}`):", ""]
+        md += [*(_timeline_text(a.report.get("seeds", {})) or ["- no seeds"]), ""]
+    md += ["![seed timeline](seeds.png)", ""]
     result.report_path.write_text("\n".join(md))
     return result.report_path
 
@@ -178,12 +277,22 @@ def _pyplot() -> Any:
     return plt
 
 
-def _plot_accuracy(arms: list[Arm], path: Path) -> None:
+def _plot_accuracy(result: Comparison, path: Path) -> None:
+    """Each arm's mean validation accuracy per epoch over its runs, with the min-max band when there are several."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for a in arms:
-        ax.plot(range(1, len(a.val_acc_per_epoch) + 1), a.val_acc_per_epoch, marker="o", ms=3,
-                label=f"{a.label} ({a.report['params']} params)")
+    for label in LABELS:
+        runs = [a.val_acc_per_epoch for a in result.runs(label) if a.val_acc_per_epoch]
+        if not runs:
+            continue
+        n = min(len(r) for r in runs)
+        epochs = range(1, n + 1)
+        mean = [statistics.fmean(r[e] for r in runs) for e in range(n)]
+        params = statistics.fmean(a.report["params"] for a in result.runs(label))
+        (line,) = ax.plot(epochs, mean, marker="o", ms=3, label=f"{label} ({params:.0f} params, {len(runs)} runs)")
+        if len(runs) > 1:
+            ax.fill_between(epochs, [min(r[e] for r in runs) for e in range(n)],
+                            [max(r[e] for r in runs) for e in range(n)], color=line.get_color(), alpha=0.15)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation accuracy")
     ax.grid(alpha=0.3)
@@ -216,7 +325,8 @@ def _plot_seeds(segments: dict[str, list[tuple[str, int, int]]], finals: dict[st
     ax.invert_yaxis()
     handles = [Patch(color=c, label=s) for s, c in STATE_COLORS.items() if s in seen]
     if handles:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.16, 1.0), fontsize=7)
+        ax.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(handles), 6),
+                  fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

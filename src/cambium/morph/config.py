@@ -36,6 +36,10 @@ class SeedsConfig(ConfigModel):
     confidence_half_samples: float = Field(default=4.0, gt=0.0, description="samples at which confidence is 0.5")
 
 
+AdaptingState = Literal["TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING", "FINE_TUNING"]
+"""The lifecycle states in which the host may be frozen (`LifecycleConfig.freeze_host_in`)."""
+
+
 class LifecycleConfig(ConfigModel):
     """Durations, gates and safety limits of the seed lifecycle (MOR-3, MOR-4)."""
 
@@ -58,8 +62,10 @@ class LifecycleConfig(ConfigModel):
     )
     embargo_epochs: int = Field(default=2, ge=0, description="epochs a location is blocked after a failure")
     max_adaptations_per_epoch: int = Field(default=2, ge=0, description="germinations allowed per epoch boundary")
-    freeze_host_during_adaptation: bool = Field(
-        default=True, description="host weights do not change while a seed is TRAINING..EVALUATING"
+    freeze_host_in: tuple[AdaptingState, ...] = Field(
+        default=("TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING"),
+        description="while any seed is in one of these states the host's weights and normalisation statistics do not "
+        "change (the spec's frozen base; TRAINING must be listed: its reconstruction task assumes a still host)",
     )
     seed_lr: float = Field(default=1e-3, gt=0.0, description="Adam learning rate of seed kernels")
     await_compiles: bool = Field(
@@ -70,6 +76,15 @@ class LifecycleConfig(ConfigModel):
     compile_timeout_epochs: int = Field(
         default=3, ge=1, description="a GERMINATED seed whose kernel is not ready after this many epochs is culled"
     )
+
+    @model_validator(mode="after")
+    def _check_freeze(self) -> LifecycleConfig:
+        if "TRAINING" not in self.freeze_host_in:
+            raise ValueError(
+                f"lifecycle.freeze_host_in={list(self.freeze_host_in)} must include TRAINING: a seed learns its "
+                "reconstruction target against a frozen host (MOR-3)"
+            )
+        return self
 
 
 class PolicyConfig(ConfigModel):
@@ -126,17 +141,27 @@ class TrainConfig(ConfigModel):
     epochs: int = Field(default=12, ge=1, description="epochs")
     lr: float = Field(default=3e-3, gt=0.0, description="host AdamW learning rate")
     weight_decay: float = Field(default=0.0, ge=0.0, description="host AdamW weight decay")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="host lr over the run: constant, or a half cosine from lr to lr × lr_floor at the last step",
+    )
+    lr_floor: float = Field(default=0.0, ge=0.0, le=1.0, description="cosine: the final lr as a fraction of lr")
     seed: int = Field(default=0, ge=0, description="RNG seed")
     morphogenetic: bool = Field(default=True, description="False runs the same host without seeds (baseline)")
 
 
 class CompareConfig(ConfigModel):
-    """`cambium morph compare` (MOR-11): the larger static network it trains next to the morphogenetic run."""
+    """`cambium morph compare` (MOR-11): which RNG seeds it repeats the arms over, and how the larger static network
+    it trains next to the morphogenetic runs is sized."""
 
+    train_seeds: tuple[int, ...] = Field(
+        default=(), description="RNG seeds (train.seed) each arm is trained with, one run per seed and arm; "
+        "empty = train.seed only"
+    )
     param_ratio: float = Field(
         default=1.0, ge=1.0,
         description="the larger static host is the smallest uniform widening of model.widths with at least this "
-        "× the morphogenetic run's final parameter count",
+        "× the largest final parameter count of the morphogenetic runs",
     )
 
 
@@ -156,6 +181,8 @@ class MorphConfig(ConfigModel):
     def _check(self) -> MorphConfig:
         if len(set(self.seeds.locations)) != len(self.seeds.locations):
             raise ValueError(f"seeds.locations={list(self.seeds.locations)} lists a location twice")
+        if len(set(self.compare.train_seeds)) != len(self.compare.train_seeds):
+            raise ValueError(f"compare.train_seeds={list(self.compare.train_seeds)} lists a seed twice")
         return self
 
 

@@ -11,8 +11,8 @@ The training loop calls, per step, `observe_loss(loss)` before backward (True = 
 
 Safety, all enforced here (not left to the policy):
 - gradient isolation: a TRAINING seed sees `x.detach()` and the slot's tap returns ∂L/∂x unchanged;
-- frozen base: while a seed is TRAINING..EVALUATING the host's parameters do not require grad and its norm layers
-  keep their running statistics (eval mode), so the host does not move;
+- frozen base: while a seed is in one of `freeze_host_in` (default TRAINING..EVALUATING) the host's parameters do
+  not require grad and its norm layers keep their running statistics (eval mode), so the host does not move;
 - validation gates: EVALUATING needs `metric(seed on) - metric(seed off) >= min_delta` on the validation set;
   FINE_TUNING needs `metric >= evaluated metric - fine_tune_tolerance`;
 - rollback: a non-finite loss, or a loss above `loss_spike_factor` × the last good epoch's mean while a seed is
@@ -61,7 +61,6 @@ __all__ = ["Kasmina"]
 
 S = SeedState
 BLENDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
-FREEZING = frozenset({S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING})
 _MODE = {S.TRAINING: Mode.SHADOW, **{s: Mode.BLEND for s in (*BLENDED, S.FOSSILIZED)}}
 _GROUP = "kasmina"
 Outcome = Literal[SeedState.FOSSILIZED, SeedState.CULLED, SeedState.ROLLED_BACK]
@@ -144,7 +143,7 @@ class Kasmina:
         return self._anomaly
 
     def host_frozen(self) -> bool:
-        return self.cfg.freeze_host_during_adaptation and any(r.life.state in FREEZING for r in self.seeds.values())
+        return any(r.life.state.value in self.cfg.freeze_host_in for r in self.seeds.values())
 
     def host_parameters(self) -> list[nn.Parameter]:
         """The host's parameters including fossilized seeds' (what the host optimizer should own)."""

@@ -8,8 +8,8 @@ What each state means — forward y(x) of the slot; what trains; when it leaves 
 - TRAINING: y = x exactly (host frozen); the seed alone learns the reconstruction target*; after
   `training_epochs` → GRAFTING if it explains part of the target, else CULLED; non-finite → ROLLED_BACK.
 - GRAFTING: y = x + α f(x), α ramped 0 → 1 over `graft_steps` steps; the seed trains on the task loss, host
-  frozen; α reached 1 → STABILIZATION; loss spike / non-finite → ROLLED_BACK.
-- STABILIZATION: y = x + f(x); seed trains, host frozen; after `stabilization_epochs` → EVALUATING; spike →
+  frozen by default (`lifecycle.freeze_host_in`); α reached 1 → STABILIZATION; loss spike / non-finite → ROLLED_BACK.
+- STABILIZATION: y = x + f(x); seed trains, host frozen by default; after `stabilization_epochs` → EVALUATING; spike →
   ROLLED_BACK.
 - EVALUATING: y = x + f(x); the validation metric is measured with the seed on and off, same host (A/B), inside
   the boundary; delta >= `min_delta` → FINE_TUNING, else CULLED.
