@@ -5,10 +5,15 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import msgspec
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from cambium.market.binance import ControlReply, MalformedFrame, decode_binance
+from cambium.market.binance import ControlReply, MalformedFrame, decode_binance, decode_binance_reference
+from cambium.market.binance_wire import ENVELOPE_DECODER
+from cambium.market.captures import iter_cryptofeed, iter_hftbacktest
 
 USDM_BOOK = ('{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":5123107839020,"s":"BTCUSDT","b":"61800.20",'
              '"B":"2.507","a":"61800.30","A":"2.510","T":1723161256313,"E":1723161256313}}')
@@ -73,3 +78,87 @@ def test_control_replies() -> None:
     assert decode_binance('{"code":2,"msg":"Invalid request","id":4}', 1, "x") == ControlReply(
         4, "code=2 msg=Invalid request")
     assert decode_binance('{"error":{"code":1,"msg":"bad"},"id":5}', 1, "x") == ControlReply(5, "code=1 msg=bad")
+
+
+def outcome(decode: object, frame: str | bytes) -> str:
+    """What a decoder makes of a frame, as text that tells every float bit apart (repr; -0.0 is not 0.0)."""
+    try:
+        out = decode(frame, 7, "binance_usdm")  # type: ignore[operator]
+    except MalformedFrame as exc:
+        return f"MalformedFrame: {exc}"
+    if isinstance(out, ControlReply):
+        return repr(out)
+    return repr([ev.to_dict() for ev in out])
+
+
+def test_fast_decoder_equals_the_reference_on_every_committed_frame(samples: Path) -> None:
+    ws = samples / "ws"
+    records = [*iter_hftbacktest(ws / "binance_usdm_hftbacktest/btcusdt_20240808.gz"),
+               *iter_hftbacktest(ws / "binance_usdm_hftbacktest/ethusdt_20240808.gz"),
+               *iter_cryptofeed(ws / "binance_cryptofeed/2021-07-22_usdm/BINANCE_FUTURES.ws.1.0.gz")]
+    fast_path = 0
+    for r in records:
+        assert outcome(decode_binance, r.frame) == outcome(decode_binance_reference, r.frame), r.frame[:200]
+        try:
+            ENVELOPE_DECODER.decode(r.frame)
+            fast_path += 1
+        except msgspec.ValidationError:
+            pass
+    assert len(records) > 170_000
+    assert fast_path > 0.99 * len(records)  # the comparison above is about the fast path, not the fallback
+
+
+BOOK = ('{"stream":"btcusdt@bookTicker","data":{"e":"bookTicker","u":1,"s":"BTCUSDT","b":"1.5","B":"2","a":"1.6",'
+        '"A":"3","T":1,"E":5%s}}')
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        BOOK % ',"X":"\xff"',
+        (BOOK % ',"X":"\xff"').encode("latin-1"),  # not UTF-8 in a field neither decoder reads
+        BOOK % ',"X":"\ud800"',  # a lone surrogate
+        BOOK % ',"X":"\\ud800"',
+        (BOOK % "").replace('"b":"1.5"', '"b":"-0"'),  # msgspec alone would read +0.0
+        (BOOK % "").replace('"b":"1.5"', '"b":" 1.5"'),
+        (BOOK % "").replace('"b":"1.5"', '"b":"1_5"'),
+        (BOOK % "").replace('"b":"1.5"', '"b":1e999'),
+        (BOOK % "").replace('"b":"1.5"', '"b":true'),
+        (BOOK % "").replace('"b":"1.5"', '"b":"nan"'),
+        (BOOK % "").replace('"u":1', '"u":"1"'),  # passed through as it is, never coerced
+        (BOOK % "").replace('"stream":"btcusdt@bookTicker"', '"stream":5'),
+        (BOOK % "").replace(',"E":5', ',"E":null'),
+        BOOK % ',"E":7',
+        BOOK % " xyz",
+        (BOOK % "").encode(),
+        b"\xef\xbb\xbf" + (BOOK % "").encode(),
+        SPOT_BOOK,
+        MARK_ARR,
+        '{"stream":"x","data":[]}',
+        '{"stream":"x","data":null,"id":1}',
+        '{"stream":"a","data":{"e":"trade","E":1,"T":1,"s":"A","t":1,"p":"1","q":"1","m":"false"}}',
+        '{"stream":"a","data":{"e":"aggTrade","E":1,"T":1,"s":"A","a":9,"p":"1","q":"1","m":true}}',
+        '{"stream":"a","data":{"e":"trade","E":1,"T":1,"s":"A","t":1,"p":"1","q":"1","m":true,"e":"kline"}}',
+        '{"stream":"d","data":{"e":"depthUpdate","E":1,"s":"S","U":1,"u":2,"b":[["1","2","3"]],"a":[]}}',
+        '{"stream":"d","data":{"e":"depthUpdate","E":1,"s":"S","U":1,"u":2,"b":["12"],"a":[]}}',
+        '{"stream":"d","data":{"e":"depthUpdate","E":1,"s":"S","U":1,"u":2,"b":[[1,2]],"a":[[true,2]]}}',
+        '{"stream":"d","data":{"e":"depthUpdate","E":1,"s":"S","U":1,"u":2,"b":[],"a":[["1e5","0.0"]],"pu":0}}',
+        '[{"stream":"d"}]',
+    ],
+)
+def test_fast_decoder_equals_the_reference_on_odd_frames(frame: str | bytes) -> None:
+    assert outcome(decode_binance, frame) == outcome(decode_binance_reference, frame)
+
+
+DECIMAL = st.from_regex(r"-?[0-9]{1,22}(\.[0-9]{0,22})?([eE][-+]?[0-9]{1,3})?", fullmatch=True)
+
+
+@settings(max_examples=300, deadline=None)
+@given(prices=st.lists(st.one_of(DECIMAL, st.text(max_size=8)), min_size=6, max_size=6))
+def test_fast_decoder_reads_prices_and_sizes_exactly_as_float_does(prices: list[str]) -> None:
+    b, B, a, A, p, q = (orjson.dumps(x).decode() for x in prices)
+    book = f'{{"stream":"s","data":{{"e":"bookTicker","u":1,"s":"S","b":{b},"B":{B},"a":{a},"A":{A},"E":2}}}}'
+    depth = f'{{"stream":"s","data":{{"e":"depthUpdate","E":1,"s":"S","U":1,"u":2,"b":[[{b},{B}]],"a":[[{p},{q}]]}}}}'
+    trade = f'{{"stream":"s","data":{{"e":"trade","E":1,"T":1,"s":"S","t":1,"p":{p},"q":{q},"m":false}}}}'
+    for frame in (book, depth, trade):
+        assert outcome(decode_binance, frame) == outcome(decode_binance_reference, frame)

@@ -1,8 +1,11 @@
 """Binance as a websocket venue: endpoints, limits, stream routing, control messages and frame decoding.
 
 Everything Binance-specific the generic connector needs sits in a `Venue` object; the connector itself has no venue
-branches. Wire messages are frozen typed structs (NamedTuples: immutable and cheap to build) decoded once from the
-combined-stream envelope ``{"stream": ..., "data": ...}`` and converted once to `MarketEvent`s.
+branches. Wire messages are frozen typed structs decoded once from the combined-stream envelope
+``{"stream": ..., "data": ...}`` and converted once to `MarketEvent`s. `decode_binance` reads trades, book tickers
+and depth diffs straight into msgspec structs (`binance_wire.py`); `decode_binance_reference` is the plain path
+(orjson, then NamedTuples and `float()`), which the fast one falls back to for every frame it does not take and
+which a test holds it equal to on the committed captures.
 
 Since 2026-04-23 USDⓈ-M streams are served on routed paths: ``@bookTicker`` and ``@depth*`` on ``/public``, trades,
 klines, mark price and tickers on ``/market``; the legacy path still accepts the handshake but sends no klines, so the
@@ -21,8 +24,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+import msgspec
 import orjson
 
+from cambium.market.binance_wire import ENVELOPE_DECODER
 from cambium.market.config import WsConfig
 from cambium.market.events import MarketEvent
 
@@ -33,6 +38,7 @@ __all__ = [
     "binance_spot_venue",
     "binance_usdm_venue",
     "decode_binance",
+    "decode_binance_reference",
     "route_usdm",
 ]
 
@@ -178,7 +184,29 @@ def _one(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
 
 
 def decode_binance(frame: str | bytes, recv_ns: int, source: str) -> list[MarketEvent] | ControlReply:
-    """Decode one combined-stream frame into events, or a control reply; raise MalformedFrame otherwise."""
+    """Decode one combined-stream frame into events, or a control reply; raise MalformedFrame otherwise.
+
+    Same result as `decode_binance_reference`, about three times faster on trades, book tickers and depth diffs.
+    """
+    # Frames the fast path could read differently go to the reference: a string starting with "-" (msgspec reads "-0"
+    # as +0.0, float() as -0.0; prices and sizes are never negative) and non-ASCII bytes (msgspec does not check the
+    # UTF-8 of fields it skips, orjson refuses it). Binance sends text frames, ASCII only.
+    if isinstance(frame, str):
+        if '"-' in frame:
+            return decode_binance_reference(frame, recv_ns, source)
+    elif not frame.isascii() or b'"-' in frame:
+        return decode_binance_reference(frame, recv_ns, source)
+    try:
+        data = ENVELOPE_DECODER.decode(frame).data
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeEncodeError):  # the last: a lone surrogate
+        return decode_binance_reference(frame, recv_ns, source)
+    if isinstance(data, list):
+        return [d.event(source, recv_ns) for d in data]
+    return [data.event(source, recv_ns)]
+
+
+def decode_binance_reference(frame: str | bytes, recv_ns: int, source: str) -> list[MarketEvent] | ControlReply:
+    """The plain decoder: orjson to dicts, dispatch on the event type, NamedTuple structs, `float()` conversions."""
     try:
         msg = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:

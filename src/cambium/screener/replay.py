@@ -39,7 +39,8 @@ class Session:
         self.latest: dict[str, FeatureSnapshot] = {}
 
     def on_event(self, ev: MarketEvent) -> list[RankEvent]:
-        return self._ticks(self.engine.on_event(ev))
+        snapshots = self.engine.on_event(ev)
+        return self._ticks(snapshots) if snapshots else []
 
     def finish(self) -> list[RankEvent]:
         events = self._ticks(self.engine.flush())
