@@ -105,7 +105,8 @@ def test_stale_shard_reconnects_alone(btc_records: list[Record]) -> None:
     assert got == want and srv.stats.stalls == 1
     public = next(s.shard for s in conn.stats if s.endpoint == "public")
     assert snapshot == [[1 if k == public else 0 for k in range(2)]]  # only the stalled shard reconnected
-    assert conn.stats[public].connects == 2
+    # at least once; on a loaded machine a later pause of the paced feed can exceed 0.25 s and count again
+    assert conn.stats[public].connects >= 2 and conn.stats[public].stale_reconnects >= 1
 
 
 def test_breaker_opens_half_opens_and_closes_on_refused_connections(btc_records: list[Record]) -> None:
@@ -253,7 +254,10 @@ def test_soak_full_captures_random_drops_one_percent_malformed(samples: Path) ->
     srv, conn, got, want, _ = asyncio.run(go())
     assert got == want and sum(map(len, want.values())) == len(recs) - 2
     assert sum(s.malformed for s in conn.stats) == srv.stats.malformed_sent > 1500
-    assert sum(s.disconnects for s in conn.stats) >= 20
+    # drops are timed (50-250 ms), so their number follows the machine's speed; each one must have cost exactly
+    # one reconnect, and a run of several seconds must have seen several
+    drops = sum(s.disconnects for s in conn.stats)
+    assert drops >= 5 and srv.stats.connections == sum(s.connects for s in conn.stats) == drops + len(conn.stats)
 
 
 def test_spot_venue_one_endpoint_and_five_messages_per_second(btc_records: list[Record]) -> None:
