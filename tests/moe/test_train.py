@@ -87,3 +87,16 @@ def test_sigkill_and_resume_give_bitwise_identical_metrics(mixture_dir: Path, tm
                "--set", "train.threads=1"]
     report = check_exact_resume(command, runs_root=runs, n_steps=12, seed=5, cwd=REPO)
     assert report.ok, report.summary()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_before_loading_it(mixture_dir: Path, tmp_path: Path) -> None:
+    from cambium.core.errors import CheckpointError
+    from cambium.core.runs import open_run
+    from cambium.moe.train import Trainer
+
+    cfg = tiny(mixture_dir, "train.max_steps=10")
+    result = train(cfg, tmp_path / "runs", show_progress=False, measure_peak=False)
+    # open_run without a config skips the registry's check, so the checkpoint's own fingerprint is what stops this;
+    # a wider model would otherwise fail inside load_state_dict on tensor shapes.
+    with open_run(tmp_path / "runs", result.run_id) as run, pytest.raises(CheckpointError, match="another config"):
+        Trainer(tiny(mixture_dir, "train.max_steps=10", "model.dim=96"), run, resume=True)

@@ -133,12 +133,13 @@ class Trainer:
             self.metrics.truncate_after(0)
             return
         ckpt = load_checkpoint(path)
+        # Before any state is loaded: another config's tensors would fail on shapes with a less useful message.
+        if ckpt.data_cursor.get("config_fingerprint") != fingerprint(self.cfg):
+            raise CheckpointError(f"{path} was written with another config; resume with the run's own config.toml")
         ckpt.restore({"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler})
         self.loader.load_state_dict(ckpt.data_cursor["loader"])
         self.step, self.tokens = ckpt.step, int(ckpt.data_cursor["tokens"])
         self.skipped = int(ckpt.data_cursor["skipped"])
-        if ckpt.data_cursor.get("config_fingerprint") != fingerprint(self.cfg):
-            raise CheckpointError(f"{path} was written with another config; resume with the run's own config.toml")
         # Rows logged after this checkpoint belong to the lost future and are written again.
         self.metrics.truncate_after(self.step)
         self.reporter.resumed(self.step)
