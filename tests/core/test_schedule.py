@@ -130,6 +130,18 @@ def test_scheduler_scales_every_group_by_its_base_lr() -> None:
     assert sched.get_last_lr()[0] == pytest.approx(LR_MIN)  # absolute floor for the reference group
 
 
+def test_a_group_added_later_joins_the_schedule_at_its_own_base_lr() -> None:
+    s = wsd("linear")
+    opt = make_optimizer()
+    sched = LRScheduler(opt, s, 300)
+    opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4))], "lr": 0.5})  # e.g. a grown module
+    sched.step(600)
+    expected = s.lr_at(600)
+    assert sched.get_last_lr() == [pytest.approx(expected), pytest.approx(0.02 * expected / LR_MAX),
+                                   pytest.approx(0.5 * expected / LR_MAX)]
+    assert sched.base_lrs == [LR_MAX, 0.02, 0.5]
+
+
 def test_scheduler_step_without_position_and_tokens_unit() -> None:
     opt = make_optimizer()
     sched = LRScheduler(opt, wsd("linear"))

@@ -13,7 +13,7 @@ from cambium.core.config import load
 from cambium.core.metrics import read_metrics
 from cambium.core.runs import get_run, list_runs
 from cambium.morph.config import CONFIG_MODEL
-from cambium.morph.train import lr_factor, train
+from cambium.morph.train import host_schedule, train
 
 
 def _cfg(tmp_path, *extra):
@@ -60,13 +60,15 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path, schedule):
     assert [g["lr"] for g in oa["param_groups"]] == [g["lr"] for g in ob["param_groups"]]
 
 
-def test_lr_factor_is_constant_or_a_cosine_to_the_floor():
+def test_host_schedule_is_constant_or_a_cosine_to_the_floor():
     cfg = _cfg("/tmp/unused", "train.lr_schedule=cosine", "train.lr_floor=0.1").train
-    got = [lr_factor(cfg, s, 100) for s in range(101)]
+    schedule = host_schedule(cfg, 100)
+    assert schedule is not None
+    got = [schedule.multiplier_at(s) for s in range(101)]
     assert got[0] == 1.0 and got[100] == pytest.approx(0.1) and got[50] == pytest.approx(0.55)
     assert all(a > b for a, b in itertools.pairwise(got))
     flat = _cfg("/tmp/unused").train
-    assert flat.lr_schedule == "constant" and {lr_factor(flat, s, 100) for s in range(101)} == {1.0}
+    assert flat.lr_schedule == "constant" and host_schedule(flat, 100) is None
 
 
 @pytest.mark.parametrize("morphogenetic", [True, False])

@@ -149,19 +149,21 @@ class LRScheduler:
     """Sets `lr` of every param group to `base_lr * schedule.lr_at(x) / schedule.lr_max`.
 
     Works with any optimizer exposing `param_groups` (torch optimizers, `MuonWithAdamW`). The base lr of a group is
-    its `lr` when the scheduler is created (kept in the group as `initial_lr`, as torch's schedulers do). The lr set by
-    `step(x)` is the one the *next* optimizer step uses; call `step(steps_done)` or `step(tokens_seen)` after each
-    optimizer step. The constructor applies `lr_at(position)`.
+    its `lr` when the scheduler first sees it (kept in the group as `initial_lr`, as torch's schedulers do), so a group
+    added to the optimizer later (parameters grown during training) joins the schedule at the next `step`, provided it
+    was added with its base lr. The lr set by `step(x)` is the one the *next* optimizer step uses; call
+    `step(steps_done)` or `step(tokens_seen)` after each optimizer step. The constructor applies `lr_at(position)`.
     """
 
     def __init__(self, optimizer: _HasParamGroups, schedule: WSDSchedule | CosineSchedule, position: float = 0.0):
         self.optimizer = optimizer
         self.schedule = schedule
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self.base_lrs: list[float] = [float(g["initial_lr"]) for g in optimizer.param_groups]
         self.position = 0.0
         self.step(position)
+
+    @property
+    def base_lrs(self) -> list[float]:
+        return [float(g.setdefault("initial_lr", g["lr"])) for g in self.optimizer.param_groups]
 
     def step(self, position: float | None = None) -> None:
         """Move to `position` (steps done or tokens seen); `None` advances one step (unit 'steps' only)."""
@@ -170,8 +172,8 @@ class LRScheduler:
                 raise ConfigError("LRScheduler.step() without a position needs unit='steps'; pass tokens seen")
             position = self.position + 1
         factor = self.schedule.multiplier_at(position)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
-            group["lr"] = base * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
         self.position = float(position)
 
     def get_last_lr(self) -> list[float]:
@@ -186,7 +188,6 @@ class LRScheduler:
         if len(base_lrs) != len(self.optimizer.param_groups):
             raise CheckpointError(f"scheduler state has {len(base_lrs)} base lrs but the optimizer has "
                                   f"{len(self.optimizer.param_groups)} param groups; resume with the same groups")
-        self.base_lrs = base_lrs
         for group, base in zip(self.optimizer.param_groups, base_lrs, strict=True):
             group["initial_lr"] = base
         self.step(float(state["position"]))

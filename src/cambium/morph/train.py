@@ -6,9 +6,10 @@ same data order, no seeds: the baseline). A checkpoint is written at every epoch
 transitions; `train(..., resume=run_id)` continues from the latest one and gives the numbers of a run never stopped.
 
 Data order: epoch e shuffles with a generator seeded (train.seed, e), so no data-loader state needs saving.
-The host learning rate is a pure function of the step (`train.lr_schedule`), set on every param group after each
-step and at each epoch start (after a boundary added a fossilized seed's group or rolled the optimizer back), so it
-needs no saved state either. Seed kernels keep their own optimizers at `lifecycle.seed_lr`.
+The host learning rate follows `train.lr_schedule` through `cambium.core.schedule.LRScheduler`, moved to the step
+count after each step and at each epoch start (after a boundary added a fossilized seed's group or rolled the
+optimizer back); it is a function of the step, so it needs no saved state either. Seed kernels keep their own
+optimizers at `lifecycle.seed_lr`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cambium.core.errors import CheckpointError
 from cambium.core.metrics import MetricsWriter
 from cambium.core.progress import get_logger, progress
 from cambium.core.runs import Run, create_run, open_run
-from cambium.core.schedule import decay_shape
+from cambium.core.schedule import CosineSchedule, LRScheduler
 from cambium.data.images import load_cifar10, normalize
 from cambium.morph.config import MorphConfig, TrainConfig
 from cambium.morph.hosts import HostCNN
@@ -70,16 +71,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 25
     return correct / max(len(y), 1)
 
 
-def lr_factor(train: TrainConfig, step: int, total_steps: int) -> float:
-    """The host lr multiplier for the step after `step` steps: 1, or cosine from 1 to `lr_floor` at `total_steps`."""
+def host_schedule(train: TrainConfig, total_steps: int) -> CosineSchedule | None:
+    """The host's lr schedule: None for a constant lr, else a cosine from `lr` to `lr × lr_floor` at `total_steps`."""
     if train.lr_schedule == "constant":
-        return 1.0
-    return train.lr_floor + (1.0 - train.lr_floor) * decay_shape(step / max(total_steps, 1), "cosine")
-
-
-def _set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
-    for group in opt.param_groups:
-        group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+        return None
+    return CosineSchedule(lr_max=train.lr, lr_min=train.lr * train.lr_floor, total=max(total_steps, 1))
 
 
 def _param_count(m: Morphogenesis | None, host: nn.Module) -> int:
@@ -135,15 +131,17 @@ def _loop(cfg: MorphConfig, run: Run, s: CifarSplits, model: nn.Module, host: nn
           opt: torch.optim.Optimizer, morph: Morphogenesis | None, tolaria: Tolaria | None,
           metrics: MetricsWriter, start_epoch: int, end_epoch: int, step: int) -> dict[str, Any]:
     seen = start_epoch * len(s.y_train)
-    total_steps = cfg.train.epochs * math.ceil(len(s.y_train) / cfg.data.batch_size)
+    schedule = host_schedule(cfg.train, cfg.train.epochs * math.ceil(len(s.y_train) / cfg.data.batch_size))
+    sched = LRScheduler(opt, schedule, step) if schedule is not None else None
+    on_step = (lambda done, _loss: sched.step(done)) if sched is not None else None
     with progress(f"morph {run.id}", total=cfg.train.epochs, unit="epoch") as bar:
         bar.advance(start_epoch)
         for epoch in range(start_epoch, end_epoch):
             batches = _batches(s, cfg.data.batch_size, cfg.train.seed, epoch)
-            _set_lr(opt, lr_factor(cfg.train, step, total_steps))
+            if sched is not None:
+                sched.step(step)
             if tolaria is not None and morph is not None:
-                result = tolaria.train_epoch(
-                    batches, on_step=lambda done, _loss: _set_lr(opt, lr_factor(cfg.train, done, total_steps)))
+                result = tolaria.train_epoch(batches, on_step=on_step)
                 tolaria.end_epoch(epoch, result, lambda: accuracy(model, s.x_val, s.y_val))
                 step = tolaria.step
                 train_loss, anomaly = result.mean_loss, result.anomaly
@@ -157,7 +155,8 @@ def _loop(cfg: MorphConfig, run: Run, s: CifarSplits, model: nn.Module, host: nn
                     opt.step()
                     total += float(loss.detach())
                     step += 1
-                    _set_lr(opt, lr_factor(cfg.train, step, total_steps))
+                    if sched is not None:
+                        sched.step(step)
                 train_loss, anomaly = total / max(len(batches), 1), None
             seen += len(s.y_train)
             val = accuracy(model, s.x_val, s.y_val)
