@@ -46,19 +46,10 @@ class _Trade(msgspec.Struct, tag_field="e", tag="trade", frozen=True, gc=False):
         return MarketEvent(self.E, source, self.s, "trade", payload, recv_ns)
 
 
-class _AggTrade(msgspec.Struct, tag_field="e", tag="aggTrade", frozen=True, gc=False):
-    E: Any
-    T: Any
-    s: Any
-    a: Any
-    p: float
-    q: float
-    m: Any
+class _AggTrade(_Trade, tag="aggTrade", frozen=True, gc=False):
+    """An aggregate trade: a trade whose id is in `a` (still required: the field has no default)."""
 
-    def event(self, source: str, recv_ns: int) -> MarketEvent:
-        payload = {"price": self.p, "qty": self.q, "side": "sell" if self.m else "buy", "trade_id": self.a,
-                   "trade_time": self.T}
-        return MarketEvent(self.E, source, self.s, "trade", payload, recv_ns)
+    t: Any = msgspec.field(name="a")
 
 
 class _BookTicker(msgspec.Struct, tag_field="e", tag="bookTicker", frozen=True, gc=False):
