@@ -39,7 +39,7 @@ from cambium.screener.config import ScreenerConfig
 from cambium.screener.live import run_live
 from cambium.screener.observability import ScreenerMetrics
 from cambium.screener.replay import Session
-from cambium.screener.sources import depth_snapshot_event
+from cambium.screener.sources import DecodeStats, decode_record
 
 CAPTURES = [Path(f"data/samples/market/ws/binance_usdm_hftbacktest/{s}_20240808.gz") for s in ("btcusdt", "ethusdt")]
 CONFIG = Path("configs/screener/sample-replay.toml")
@@ -56,12 +56,9 @@ def records(limit: int | None = None) -> list[Record]:
 
 
 def replay_synced(tagged: list[tuple[Record, str]], cfg: ScreenerConfig) -> None:
-    session = Session(cfg)
+    session, stats = Session(cfg), DecodeStats()
     for r, symbol in tagged:
-        if r.frame.startswith('{"lastUpdateId"'):
-            session.on_event(depth_snapshot_event(orjson.loads(r.frame), symbol, r.recv_ns, "binance_usdm"))
-            continue
-        for ev in decode_binance(r.frame, r.recv_ns, "binance_usdm"):  # type: ignore[union-attr]
+        for ev in decode_record(r, symbol, "binance_usdm", stats):
             session.on_event(ev)
     session.finish()
 

@@ -21,7 +21,7 @@ from cambium.market.captures import iter_hftbacktest
 from cambium.market.events import MarketEvent
 from cambium.market.recorder import Record, read_recording
 
-__all__ = ["DecodeStats", "depth_snapshot_event", "iter_events", "iter_records"]
+__all__ = ["DecodeStats", "decode_record", "depth_snapshot_event", "iter_events", "iter_records"]
 
 
 @dataclass
@@ -63,22 +63,28 @@ def _rest_snapshot(frame: str, symbol: str | None, recv_ns: int, source: str) ->
         return None
 
 
+def decode_record(rec: Record, symbol: str | None, source: str, stats: DecodeStats) -> list[MarketEvent]:
+    """The events of one captured frame: a stream frame's, or the inline REST snapshot's when `symbol` (the capture
+    file's) is known; a control reply or a malformed frame gives none. Counted in `stats`."""
+    stats.frames += 1
+    try:
+        decoded = decode_binance(rec.frame, rec.recv_ns, source)
+    except MalformedFrame:
+        snap = _rest_snapshot(rec.frame, symbol, rec.recv_ns, source)
+        if snap is None:
+            stats.malformed += 1
+            return []
+        decoded = [snap]
+    if isinstance(decoded, ControlReply):
+        stats.control_replies += 1
+        return []
+    stats.events += len(decoded)
+    return decoded
+
+
 def iter_events(path: Path, *, source: str = "binance_usdm", stats: DecodeStats | None = None) -> Iterator[MarketEvent]:
     """MarketEvents of a recording or capture, in recorded order."""
     stats = stats if stats is not None else DecodeStats()
     symbol = _file_symbol(path) if path.is_file() else None
     for rec in iter_records(path, stats):
-        stats.frames += 1
-        try:
-            decoded = decode_binance(rec.frame, rec.recv_ns, source)
-        except MalformedFrame:
-            snap = _rest_snapshot(rec.frame, symbol, rec.recv_ns, source)
-            if snap is None:
-                stats.malformed += 1
-                continue
-            decoded = [snap]
-        if isinstance(decoded, ControlReply):
-            stats.control_replies += 1
-            continue
-        stats.events += len(decoded)
-        yield from decoded
+        yield from decode_record(rec, symbol, source, stats)
