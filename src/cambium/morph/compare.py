@@ -235,10 +235,11 @@ def write_report(result: Comparison, train: TrainConfig) -> Path:
     }
     (out / "compare.json").write_text(json.dumps(data, indent=2) + "\n")
     _plot_accuracy(result, out / "accuracy.png")
-    rows = {f"{loc} (seed {a.train_seed})" if len(morphs) > 1 else loc: segments[a.train_seed][loc]
-            for a in morphs for loc in segments[a.train_seed]}
-    finals = {f"{loc} (seed {a.train_seed})" if len(morphs) > 1 else loc: str(s["state"])
-              for a in morphs for loc, s in a.report.get("seeds", {}).items()}
+    def row(a: Arm, loc: str) -> str:
+        return f"{loc} (seed {a.train_seed})" if len(morphs) > 1 else loc
+
+    rows = {row(a, loc): segments[a.train_seed][loc] for a in morphs for loc in segments[a.train_seed]}
+    finals = {row(a, loc): str(s["state"]) for a in morphs for loc, s in a.report.get("seeds", {}).items()}
     _plot_seeds(rows, finals, epochs, out / "seeds.png")
     seeds_list = ", ".join(str(a.train_seed) for a in morphs)
     large = summary["arms"]["static-large"]["params"]["mean"]
