@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from cambium.core.metrics import MetricsWriter
 from cambium.core.runs import (
     RunRecord,
     RunRegistry,
+    SQLiteRegistry,
     create_run,
     finish_run,
     get_run,
@@ -199,6 +202,30 @@ def test_two_processes_register_concurrently(tmp_path: Path) -> None:
     assert {r.status for r in records} == {"finished"}
     assert sorted(r.summary["i"] for r in records if r.name == "p1") == list(range(12))
     assert all((tmp_path / r.id / "config.toml").is_file() for r in records)
+
+
+def test_first_use_waits_for_another_writer_instead_of_failing(tmp_path: Path) -> None:
+    """Switching a new file to WAL while another connection writes is refused by SQLite at once (deadlock
+    avoidance, no busy handler); the registry retries it until the other transaction commits."""
+    path = tmp_path / "experiments.sqlite"
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE unrelated (x)")
+    plain = sqlite3.connect(path, timeout=5, isolation_level=None)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):  # what the registry has to cope with
+        plain.execute("PRAGMA journal_mode = WAL")
+    plain.close()
+    committer = threading.Timer(0.3, lambda: other.execute("COMMIT"))
+    committer.start()
+    registry = SQLiteRegistry(path, busy_timeout_s=10)
+    record = RunRecord(id="r1", system="s", name="n", status="running", created="t", updated="t", fingerprint="f",
+                       dir=tmp_path / "r1")
+    registry.insert(record)
+    committer.join()
+    other.close()
+    assert registry.get("r1") is not None
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
 class MemoryRegistry(RunRegistry):

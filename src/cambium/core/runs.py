@@ -28,6 +28,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -130,14 +131,7 @@ class SQLiteRegistry(RunRegistry):
         try:
             con.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
             if not self._ready:
-                con.execute("PRAGMA journal_mode = WAL")
-                con.execute(
-                    "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, system TEXT NOT NULL, name TEXT NOT NULL,"
-                    " status TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL, fingerprint TEXT NOT NULL,"
-                    " dir TEXT NOT NULL, summary TEXT NOT NULL DEFAULT '{}', host TEXT NOT NULL DEFAULT '',"
-                    " pid INTEGER NOT NULL DEFAULT 0, pid_started REAL NOT NULL DEFAULT 0)"
-                )
-                con.execute("CREATE INDEX IF NOT EXISTS runs_system ON runs (system, id)")
+                self._prepare(con)
                 self._ready = True
             if write:
                 con.execute("BEGIN IMMEDIATE")
@@ -153,6 +147,39 @@ class SQLiteRegistry(RunRegistry):
             raise RunError(f"run registry {str(self.path)!r}: {exc}") from None
         finally:
             con.close()
+
+    def _prepare(self, con: sqlite3.Connection) -> None:
+        """Switch the file to WAL and create the table, retrying while another process holds a lock.
+
+        SQLite answers "database is locked" at once, without waiting in the busy handler, when waiting could
+        deadlock: a journal-mode change or a read-then-write statement that meets another connection's write
+        transaction. Both are retried here until the busy timeout; the schema is written in an IMMEDIATE transaction,
+        which does wait in the busy handler.
+        """
+        deadline = time.monotonic() + self.busy_timeout_s
+        delay = 0.002
+        while True:
+            try:
+                if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
+                    con.execute("PRAGMA journal_mode = WAL")
+                con.execute("BEGIN IMMEDIATE")
+                con.execute(
+                    "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, system TEXT NOT NULL, name TEXT NOT NULL,"
+                    " status TEXT NOT NULL, created TEXT NOT NULL, updated TEXT NOT NULL, fingerprint TEXT NOT NULL,"
+                    " dir TEXT NOT NULL, summary TEXT NOT NULL DEFAULT '{}', host TEXT NOT NULL DEFAULT '',"
+                    " pid INTEGER NOT NULL DEFAULT 0, pid_started REAL NOT NULL DEFAULT 0)"
+                )
+                con.execute("CREATE INDEX IF NOT EXISTS runs_system ON runs (system, id)")
+                con.execute("COMMIT")
+                return
+            except sqlite3.OperationalError as exc:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                busy = exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+                if not busy or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(2 * delay, 0.1)
 
     def insert(self, record: RunRecord) -> None:
         row = self._to_row(record)
