@@ -5,6 +5,7 @@ import itertools
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import connect as ws_connect
 
 from cambium.market.binance import binance_usdm_venue
 from cambium.market.captures import iter_cryptofeed, iter_hftbacktest
@@ -84,6 +85,31 @@ def test_every_frame_in_order_across_disconnects_and_malformed_counted(btc_recor
     assert {e.type for e in events} == {"trade", "book"} and len(events) == 11999
     for ev in events[:50]:
         assert MarketEvent.from_json(ev.to_json()) == ev
+
+
+def test_a_later_subscribe_gets_its_stream_from_the_start_while_the_feed_is_paced(btc_records: list[Record]) -> None:
+    """A SUBSCRIBE that arrives while the paced sender waits for its next frame still gets the new stream whole."""
+    first = btc_records[0].mono_ns
+    records = [r for r in btc_records if r.mono_ns - first < 1.5e9]
+
+    async def go() -> tuple[list[str], list[str]]:
+        async with ReplayServer(records, speed=1.0) as srv:
+            want = srv.frames_for({"btcusdt@bookTicker", "btcusdt@depth@0ms"})
+            got: list[str] = []
+            async with ws_connect(srv.url("public") + "/stream") as ws:
+                await ws.send('{"method":"SUBSCRIBE","params":["btcusdt@bookTicker"],"id":1}')
+                await asyncio.sleep(0.5)  # the sender is now pacing bookTicker frames
+                await ws.send('{"method":"SUBSCRIBE","params":["btcusdt@depth@0ms"],"id":2}')
+                while len(got) < len(want):
+                    frame = await asyncio.wait_for(ws.recv(), 10)
+                    if '"stream"' in frame:
+                        got.append(frame)
+            return got, want
+
+    got, want = asyncio.run(go())
+    depth = [f for f in want if "@depth" in f]
+    assert len(depth) >= 10
+    assert sorted(got) == sorted(want)  # depth frames sent before the second SUBSCRIBE are not skipped
 
 
 def test_stale_shard_reconnects_alone(btc_records: list[Record]) -> None:

@@ -72,6 +72,7 @@ class ServerStats:
     attempt_times: list[float] = field(default_factory=list)
     subscribed: dict[int, set[str]] = field(default_factory=dict)
     connection_paths: list[str] = field(default_factory=list)
+    sends: list[tuple[int, int]] = field(default_factory=list)  # (frame index, time.time_ns() after the send)
 
 
 class _Conn:
@@ -98,7 +99,10 @@ class ReplayServer:
         port: int = 0,
         ping_interval: float | None = None,
         ping_timeout: float | None = None,
+        log_sends: bool = False,
     ) -> None:
+        """`speed` paces frames at `speed` × recorded speed (None: as fast as the client reads); `log_sends` keeps
+        (frame index, `time.time_ns()`) of every send in `stats.sends`, for latency benchmarks."""
         self.faults = faults or Faults()
         self.stats = ServerStats()
         self.speed = speed
@@ -107,6 +111,7 @@ class ReplayServer:
         self.port = port
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
+        self.log_sends = log_sends
         self.frames: list[str] = []
         self.stream_of: list[str] = []
         self.mono: list[int] = []
@@ -257,8 +262,11 @@ class ReplayServer:
                 await asyncio.sleep(f.delay_s)
             stream = self.stream_of[i]
             await ws.send(self.frames[i])
+            if self.log_sends:
+                self.stats.sends.append((i, time.time_ns()))
             self.sent_upto[stream] = i
-            conn.pos = i + 1
+            if conn.pos == i:  # unless a SUBSCRIBE during the awaits above rewound it to older frames
+                conn.pos = i + 1
             sent += 1
             self.stats.frames_sent += 1
             if (f.malformed_every and sent % f.malformed_every == 0) or (
