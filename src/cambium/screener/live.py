@@ -1,7 +1,8 @@
 """Live mode (SCR-12): the market connector's events through the same `Session` that replay uses.
 
-Read-only: nothing here can place an order. Every event is stamped on receipt by the connector; after the session
-has taken it (features, and on a cadence tick model → score → rank) the frame→decision latency is recorded.
+Read-only: nothing here can place an order. Every frame is stamped on receipt by the connector; after the session
+has taken its events (features, and on a cadence tick model → score → rank) the frame→decision latency is recorded,
+once per frame.
 
 The local L2 books need one REST depth snapshot per symbol (the websocket sends diffs only). They are fetched in a
 worker thread once the streams are open, paced by the REST client's weight tracking, and enter the session as book
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cambium.core.errors import CambiumError
@@ -22,6 +24,7 @@ from cambium.market.binance_rest import RestClient
 from cambium.market.config import WsConfig
 from cambium.market.connector import Connector, ShardStats
 from cambium.market.events import MarketEvent
+from cambium.market.recorder import Record
 from cambium.screener.config import ScreenerConfig
 from cambium.screener.observability import ScreenerMetrics
 from cambium.screener.replay import Session
@@ -51,10 +54,13 @@ class LiveResult:
 
 async def run_live(cfg: ScreenerConfig, ws: WsConfig, session: Session, metrics: ScreenerMetrics, *,
                    connector: list[Connector] | None = None, max_events: int | None = None,
-                   duration_s: float | None = None, rest: RestClient | None = None) -> LiveResult:
-    """Run until `max_events` stream events, `duration_s` seconds, or cancellation. `connector`, if given, receives the
-    Connector as soon as it exists (the status page reads its shard counters). With `live.depth_snapshots`, `rest`
-    (default: a futures RestClient) fetches the depth snapshots."""
+                   duration_s: float | None = None, rest: RestClient | None = None,
+                   probe: Callable[[Record, int], None] | None = None) -> LiveResult:
+    """Run until `max_events` stream events (checked after each frame), `duration_s` seconds, or cancellation.
+    `connector`, if given, receives the Connector as soon as it exists (the status page reads its shard counters).
+    With `live.depth_snapshots`, `rest` (default: a futures RestClient) fetches the depth snapshots. `probe`, if
+    given, is called with each frame's record and its decision time (`time.time_ns()`), after the metrics; the
+    benchmark uses it to time frames from the server's send."""
     conn = Connector(binance_usdm_venue(ws), cfg.live.streams(cfg.features.streams), ws)
     if connector is not None:
         connector.append(conn)
@@ -70,13 +76,18 @@ async def run_live(cfg: ScreenerConfig, ws: WsConfig, session: Session, metrics:
                 log.warning("depth snapshot of %s failed: %s", symbol, exc)
 
     async def pump() -> None:
-        async for ev in conn.events():
+        async for record, events in conn.deliveries():
             while not snapshots.empty():
                 result.rank_events += len(session.on_event(snapshots.get_nowait()))
                 result.snapshots += 1
-            result.rank_events += len(session.on_event(ev))
-            metrics.observe_event(ev.recv_ts, ev.ts, time.time_ns())
-            result.events += 1
+            for ev in events:
+                result.rank_events += len(session.on_event(ev))
+            decided = time.time_ns()
+            if events:
+                metrics.observe_frame(record.recv_ns, max(ev.ts for ev in events), decided)
+            if probe is not None:
+                probe(record, decided)
+            result.events += len(events)
             if max_events is not None and result.events >= max_events:
                 return
 

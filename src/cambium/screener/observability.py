@@ -48,7 +48,8 @@ class ScreenerMetrics:
         self._last_frames: dict[int, tuple[int, float]] = {}
         self._lock = threading.Lock()
 
-    def observe_event(self, recv_ns: int, event_ms: int, decided_ns: int) -> None:
+    def observe_frame(self, recv_ns: int, event_ms: int, decided_ns: int) -> None:
+        """One frame: received at `recv_ns`, its (latest) exchange event time `event_ms`, decided at `decided_ns`."""
         latency = max(0.0, (decided_ns - recv_ns) / 1e9)
         self.lag.observe(max(0.0, recv_ns / 1e9 - event_ms / 1e3))
         self.latency.observe(latency)
