@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import heapq
 import itertools
 import threading
@@ -116,3 +117,32 @@ def test_rest_depth_snapshots_sync_the_live_books() -> None:
         book = session.engine.symbols[symbol].book
         assert book.synced and book.gaps == 0, symbol
     assert session.latest["BTCUSDT"].features["impact_bps"] is not None
+
+
+def test_gc_freeze_holds_for_the_run_only_and_every_frame_is_probed() -> None:
+    records = list(itertools.islice(heapq.merge(*(iter_hftbacktest(p) for p in CAPTURES), key=lambda r: r.recv_ns),
+                                    2_000))
+    frozen_during: dict[bool, set[int]] = {}
+    for freeze in (True, False):
+        cfg = load(CONFIG, ScreenerConfig, [f"live.gc_freeze={str(freeze).lower()}"])
+        counts: set[int] = set()
+        frames: list[int] = []
+
+        def probe(rec: object, decided_ns: int, counts: set[int] = counts, frames: list[int] = frames) -> None:
+            counts.add(gc.get_freeze_count())
+            frames.append(decided_ns)
+
+        async def run(cfg: ScreenerConfig = cfg, probe: object = probe) -> tuple[LiveResult, int]:
+            async with ReplayServer(records, serves=lambda ep, s: route_usdm(s) == ep) as srv:
+                ws = WsConfig(futures_public_url=srv.url("public"), futures_market_url=srv.url("market"))
+                result = await run_live(cfg, ws, Session(cfg), ScreenerMetrics(), max_events=len(srv.frames),
+                                        duration_s=60, probe=probe)  # type: ignore[arg-type]
+                return result, len(srv.frames)
+
+        result, sent = asyncio.run(run())
+        assert result.events == sent == len(frames)  # one probe call per frame, each frame one event here
+        assert frames == sorted(frames)
+        frozen_during[freeze] = counts
+        assert gc.get_freeze_count() == 0  # unfrozen when the run ended
+    assert min(frozen_during[True]) > 10_000  # the modules, config and model loaded before the run
+    assert frozen_during[False] == {0}

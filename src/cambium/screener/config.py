@@ -268,6 +268,9 @@ class LiveConfig(ConfigModel):
     depth_snapshots: bool = Field(True, description="Fetch a REST depth snapshot per symbol at start so the local "
                                   "L2 books sync (needs the REST endpoint; off for the offline demo).")
     depth_limit: Literal[100, 500, 1000] = Field(1000, description="Levels per side of each REST depth snapshot.")
+    gc_freeze: bool = Field(True, description="While live mode runs, keep the objects that exist when it starts "
+                            "(modules, config, model) out of Python's full garbage collections (gc.freeze), whose "
+                            "pauses otherwise grow with them and set the latency tail.")
 
     def streams(self, kinds: tuple[str, ...]) -> list[str]:
         """Stream names for the feature streams `kinds` (bookTicker, trade, depth) of every symbol."""
