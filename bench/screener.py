@@ -8,9 +8,13 @@ Run: `python -m bench.screener [--quick]`.
 - `replay_synced_events_per_s`: as `replay_events_per_s`, but with the captures' inline REST depth snapshots kept, so
   the L2 book syncs and applies every depth diff (what `cambium screener replay` does); the other rows leave them out,
   so the book stays unsynced and buffers its diffs, as in live mode today.
-- `live_p95_ms_<N>sym`: p95 of frame received → rank decision on the live path (local replay websocket server →
-  connector → session) with the captures replicated across N symbol names, paced at recorded speed; the reference is
-  the p95 of the same frames processed in-process with no transport (what the pipeline alone costs per frame).
+- `live_recv_p95_ms_<N>sym` / `live_send_p95_ms_<N>sym`: p95 over every frame after a 1 s warm-up of frame received
+  (the connector's stamp) → rank decision, and of server send → rank decision (loopback transport, kernel and
+  websocket buffers included), on the live path: the local replay websocket server, in a process of its own as the
+  exchange would be, paces the captures' first 20 s (5 s with --quick) at recorded speed to `cambium.screener.live`
+  over N symbols. Traffic "market" (no suffix): each symbol's frame rate follows its activity in the real 300-pair
+  USDⓈ-M cross-section (`replicate`, `activity_shares`); "stress" (`_stress`): every symbol as busy as BTC/ETH in
+  the capture. The reference is the p95 of the same frames processed in-process with no transport.
 Each timed section starts after a full garbage collection, so the objects the bench itself built (the frames) are not
 collected on the pipeline's clock; collections the pipeline causes are timed.
 """
@@ -18,14 +22,20 @@ collected on the pipeline's clock; collections the pipeline causes are timed.
 from __future__ import annotations
 
 import asyncio
+import csv
 import gc
+import gzip
 import heapq
 import itertools
+import multiprocessing as mp
+import random
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 
 from bench.common import machine, make_record, parse_args, write_results
@@ -43,6 +53,8 @@ from cambium.screener.sources import DecodeStats, decode_record
 
 CAPTURES = [Path(f"data/samples/market/ws/binance_usdm_hftbacktest/{s}_20240808.gz") for s in ("btcusdt", "ethusdt")]
 CONFIG = Path("configs/screener/sample-replay.toml")
+ACTIVITY = Path("data/samples/market/activity/usdm_trades_30d.csv")
+WARMUP_NS = 1_000_000_000
 
 
 def all_records(limit: int | None = None) -> list[tuple[Record, str]]:
@@ -113,44 +125,146 @@ def throughput(recs: list[Record], tagged: list[tuple[Record, str]], cfg: Screen
     ]
 
 
-def replicate(recs: list[Record], n_symbols: int) -> list[Record]:
-    """The frames renamed to n_symbols symbols (BTC's to the even ones, ETH's to the odd ones)."""
+def activity_shares(n_symbols: int) -> list[float]:
+    """Activity of n_symbols symbols relative to BTCUSDT (trades in 30 days), read off the 300-pair USDⓈ-M
+    cross-section at evenly spaced quantiles, busiest first: a typical market of that many symbols."""
+    rows = list(csv.DictReader(ACTIVITY.read_text(encoding="utf-8").splitlines()))
+    btc = next(int(r["trades"]) for r in rows if r["symbol"] == "BTCUSDT")
+    shares = np.array([int(r["trades"]) / btc for r in rows])
+    return [float(np.quantile(shares, 1 - (k + 0.5) / n_symbols)) for k in range(n_symbols)]
+
+
+def replicate(recs: list[Record], n_symbols: int, traffic: str) -> list[Record]:
+    """The frames renamed to n_symbols symbols (BTC's to the even ones, ETH's to the odd ones).
+
+    traffic "stress": every symbol gets every frame of its base, as busy as BTC/ETH in the capture's busiest minutes.
+    traffic "market": symbol k gets each frame of its base with probability min(1, share_k) (`activity_shares`, seeded
+    per symbol), so its frame rate follows its activity; a depth diff it keeps is as large as BTC's/ETH's.
+    """
+    shares = activity_shares(n_symbols) if traffic == "market" else [1.0] * n_symbols
+    rngs = [random.Random(k) for k in range(n_symbols)]
     out = []
     for r in recs:
         base = "btcusdt" if r.frame.startswith('{"stream":"btcusdt') else "ethusdt"
         for k in range(0 if base == "btcusdt" else 1, n_symbols, 2):
+            if shares[k] < 1.0 and rngs[k].random() >= shares[k]:
+                continue
             name = f"s{k:03d}usdt"
             frame = r.frame.replace(base, name, 1).replace(base.upper(), name.upper(), 1)
             out.append(Record(r.recv_ns, r.mono_ns, 0, frame))
     return out
 
 
-def live_p95(recs: list[Record], n_symbols: int, cfg: ScreenerConfig) -> tuple[float, float]:
-    reps = replicate(recs, n_symbols)
-    symbols = tuple(f"S{k:03d}USDT" for k in range(n_symbols))
-    live_cfg = cfg.model_copy(update={"live": cfg.live.model_copy(update={"symbols": symbols})})
-    metrics = ScreenerMetrics()
+def _serve(frames: list[Record], ports: Any, done: Any, sends: Any) -> None:
+    """The replay server in a process of its own (the exchange is not in the screener's process)."""
 
     async def run() -> None:
-        async with ReplayServer(reps, speed=1.0, serves=lambda ep, s: route_usdm(s) == ep) as srv:
-            ws = WsConfig(futures_public_url=srv.url("public"), futures_market_url=srv.url("market"))
-            span = (reps[-1].mono_ns - reps[0].mono_ns) / 1e9
-            await run_live(live_cfg, ws, Session(live_cfg), metrics, max_events=len(srv.frames), duration_s=span + 30)
+        async with ReplayServer(frames, speed=1.0, serves=lambda ep, s: route_usdm(s) == ep, log_sends=True) as srv:
+            gc.collect()
+            gc.freeze()  # the exchange's own collection pauses are not the screener's
+            ports.put(srv.port)
+            while not done.is_set():
+                await asyncio.sleep(0.1)
+            sends.put(srv.stats.sends)
 
     asyncio.run(run())
-    live = metrics.p95_latency_s() or float("nan")
-    session, lat = Session(live_cfg), []
+
+
+def live_latency(reps: list[Record], cfg: ScreenerConfig) -> tuple[dict[str, float], np.ndarray]:
+    """p95 of frame received → decision and of server send → decision over every frame after the warm-up, with the
+    server in another process pacing the frames at recorded speed; and the in-process p95 of the same frames (no
+    transport). Also every decided frame's (server send, connector receive, decision) times in ns."""
+    symbols = tuple(sorted({r.frame[11 : r.frame.index("@")].upper() for r in reps}))
+    live_cfg = cfg.model_copy(update={"live": cfg.live.model_copy(update={"symbols": symbols})})
+    ctx = mp.get_context("spawn")
+    ports, sends_q, done = ctx.Queue(), ctx.Queue(), ctx.Event()
+    server = ctx.Process(target=_serve, args=(reps, ports, done, sends_q), daemon=True)
+    server.start()
+    url = f"ws://127.0.0.1:{ports.get(timeout=120)}"
+    ws = WsConfig(futures_public_url=f"{url}/public", futures_market_url=f"{url}/market")
+    decided: list[tuple[Record, int]] = []
+    span = (reps[-1].mono_ns - reps[0].mono_ns) / 1e9
+    gc.collect()
+    result = asyncio.run(run_live(live_cfg, ws, Session(live_cfg), ScreenerMetrics(), max_events=len(reps),
+                                  duration_s=span + 30, probe=lambda rec, t: decided.append((rec, t))))
+    done.set()
+    sends = sends_q.get(timeout=120)
+    server.join(timeout=30)
+    sent_ns = {reps[i].frame: t for i, t in sends}
+    # Warm-up: the first second after the first send is left out. While the subscriptions are still going out the
+    # replay server sends a newly subscribed stream's frames from the start of the recording at once, a burst that
+    # a live exchange (which sends only what happens after the SUBSCRIBE) never produces.
+    warm = min(t for _, t in sends) + WARMUP_NS
+    timed = [(rec, t, sent_ns[rec.frame]) for rec, t in decided if sent_ns.get(rec.frame, 0) >= warm]
+    recv = sorted((t - rec.recv_ns) / 1e6 for rec, t, _ in timed)
+    from_send = sorted((t - sent) / 1e6 for _, t, sent in timed)
+    session, inproc = Session(live_cfg), []
     for r in reps:
-        t = time.perf_counter_ns()
+        t0 = time.perf_counter_ns()
         for ev in decode_binance(r.frame, r.recv_ns, "binance_usdm"):  # type: ignore[union-attr]
             session.on_event(ev)
-        lat.append((time.perf_counter_ns() - t) / 1e9)
-    lat.sort()
-    return live * 1e3, lat[int(0.95 * (len(lat) - 1))] * 1e3
+        inproc.append((time.perf_counter_ns() - t0) / 1e6)
+    inproc.sort()
+
+    def p95(xs: list[float]) -> float:
+        return xs[int(0.95 * (len(xs) - 1))] if xs else float("nan")
+
+    summary = {"recv_p95_ms": p95(recv), "send_p95_ms": p95(from_send), "inproc_p95_ms": p95(inproc),
+               "frames_offered": len(reps), "frames_sent": len(sends), "frames_decided": len(decided),
+               "frames_timed": len(timed), "events": result.events, "offered_frames_per_s": len(reps) / span,
+               "span_s": span}
+    times = np.array([(sent_ns.get(rec.frame, 0), rec.recv_ns, t) for rec, t in decided], dtype=np.int64)
+    return summary, times
+
+
+def live_rows(head: list[Record], cfg: ScreenerConfig, facts: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+    """Each case run `repeats` times; the row holds the median p95 and every run's p95 (`runs`)."""
+    out = []
+    for traffic, sizes in (("market", (20, 200, 400)), ("stress", (20, 50, 100))):
+        for n in sizes:
+            reps = replicate(head, n, traffic)
+            runs = [live_latency(reps, cfg)[0] for _ in range(repeats)]
+            suffix = "" if traffic == "market" else "_stress"
+            for key, what in (("recv", "frame received → rank decision"), ("send", "server send → rank decision")):
+                p95s = [r[f"{key}_p95_ms"] for r in runs]
+                rec = make_record(f"live_{key}_p95_ms_{n}sym{suffix}", f"{what}, p95 ({traffic} traffic), median of "
+                                  f"{repeats}", float(np.median(p95s)), "ms", "in-process pipeline p95 (no transport)",
+                                  float(np.median([r["inproc_p95_ms"] for r in runs])), higher_is_better=False,
+                                  machine_facts=facts)
+                out.append({**rec, "traffic": traffic, "symbols": n, "runs": p95s, **{k: runs[0][k] for k in (
+                    "frames_offered", "frames_sent", "frames_decided", "frames_timed", "offered_frames_per_s",
+                    "span_s")}})
+    return out
+
+
+def derive_activity(src: Path, out: Path, days: int = 30) -> None:
+    """Write ACTIVITY from the 1 h USDⓈ-M klines collection (one `<SYMBOL>.csv.gz` per pair): each pair's trades and
+    quote volume over the `days` × 24 hourly bars ending at the latest bar common to most pairs."""
+    tables = {}
+    for path in sorted(src.glob("*.csv.gz")):
+        with gzip.open(path, "rt") as f:
+            tables[path.name.split(".")[0]] = list(csv.DictReader(f))
+    end = Counter(int(rows[-1]["timestamp"]) for rows in tables.values() if rows).most_common(1)[0][0]
+    start = end - days * 24 * 3600 * 1000
+    with out.open("w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["symbol", "trades", "quote_volume", "bars", "first_bar_ms", "last_bar_ms"])
+        for symbol, rows in tables.items():
+            window = [r for r in rows if start < int(r["timestamp"]) <= end]
+            if window:
+                w.writerow([symbol, sum(int(r["trades"]) for r in window),
+                            f"{sum(float(r['quote_volume']) for r in window):.2f}", len(window),
+                            window[0]["timestamp"], window[-1]["timestamp"]])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args("screener throughput and live latency on the committed captures", argv)
+    args = parse_args("screener throughput and live latency on the committed captures", argv,
+                      lambda p: p.add_argument("--derive-activity", type=Path, metavar="KLINES_1H_DIR",
+                                               help=f"rewrite {ACTIVITY} from a 1 h klines collection and exit"))
+    if args.derive_activity is not None:
+        ACTIVITY.parent.mkdir(parents=True, exist_ok=True)
+        derive_activity(args.derive_activity, ACTIVITY)
+        return
     facts = machine("cpu")
     cfg = load(CONFIG, ScreenerConfig)
     tagged = all_records(30_000 if args.quick else None)
@@ -158,11 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = throughput(recs, tagged, cfg, facts, rounds=1 if args.quick else 3)
     seconds = 5 if args.quick else 20
     head = [r for r in recs if r.recv_ns - recs[0].recv_ns < seconds * 1e9]
-    for n in (20, 200, 400):
-        live, inproc = live_p95(head, n, cfg)
-        out.append(make_record(f"live_p95_ms_{n}sym", "frame received → rank decision, p95", live, "ms",
-                               "in-process pipeline p95 (no transport)", inproc, higher_is_better=False,
-                               machine_facts=facts))
+    out += live_rows(head, cfg, facts, repeats=1 if args.quick else 3)
     write_results("screener", out, args.results_dir)
 
 
