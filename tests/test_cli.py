@@ -28,6 +28,14 @@ def walk(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], An
 COMMANDS = walk(typer.main.get_command(app))
 
 
+def test_every_system_with_a_demo_offers_it_as_a_subcommand() -> None:
+    """`cambium demo` runs each system's `demo()`; `cambium <system> demo` runs the same one alone."""
+    from cambium.demo import DEMOS
+
+    paths = {path for path, _ in COMMANDS}
+    assert {(name, "demo") for name, _ in DEMOS} <= paths
+
+
 @pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=lambda x: " ".join(x) if isinstance(x, tuple) else "")
 def test_every_command_and_option_is_described(path: tuple[str, ...], cmd: Any) -> None:
     assert (cmd.help or "").strip(), f"cambium {' '.join(path)} has no description"

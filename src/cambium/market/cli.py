@@ -309,3 +309,11 @@ def demo(runs_dir: Path = Path("runs")) -> None:
                       f"{st.connects} connections")
     console.print(f"served {res.served_frames} frames and {res.malformed_sent} malformed ones through random "
                   f"disconnects; received {res.received_frames}, lost {res.lost_frames}")
+
+
+@app.command("demo")
+def demo_command(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Directory that receives the demo's files."),
+) -> None:
+    """Committed candles into the store, the BTCUSDT capture into a recording, then replayed live under faults."""
+    demo(runs_dir)

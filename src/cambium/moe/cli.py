@@ -88,3 +88,9 @@ def demo(runs_dir: Path = Path("runs")) -> None:
     console.print(f"moe tiny: run {result.run_id}, {result.steps} steps; loss {values['loss'][1]:.3f}, "
                   f"val/loss {values['val/loss'][1]:.3f}, val/bpb {values['val/bpb'][1]:.3f}")
     console.print("sample: " + sample_text(runs_dir, result.run_id, "ROMEO:", 60, seed=0), markup=False)
+
+
+@app.command("demo")
+def demo_command(runs_dir: Path = RUNS) -> None:
+    """Prepare the committed text, train `tiny` (about a minute on 2 cores), report validation, sample."""
+    demo(runs_dir)

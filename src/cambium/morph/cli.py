@@ -96,3 +96,9 @@ def demo(runs_dir: Path = Path("runs")) -> None:
 
     cfg = load(Path("configs/morph/tiny.toml"), CONFIG_MODEL, [f"library.root={runs_dir / 'urza'}"])
     _print_summary(train(cfg, name="demo", runs_root=runs_dir))
+
+
+@app.command("demo")
+def demo_command(root: RootOpt = Path("runs")) -> None:
+    """A seconds-long morph run on 512 CIFAR-10 images (configs/morph/tiny.toml)."""
+    demo(root)

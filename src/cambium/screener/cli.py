@@ -157,3 +157,13 @@ def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> None:
     want = read_expected(SAMPLE_CONFIG.with_suffix(".expected.json"))
     verdict = "matches" if want["digest"] == result.digest else "DIFFERS FROM"
     console.print(f"replay digest {result.digest} ({result.rank_events} rank events) {verdict} the committed one")
+
+
+@app.command("demo")
+def demo_command(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Directory of the run registry."),
+    speed: float = typer.Option(30.0, "--speed", min=0.1, help="Pace of the served captures (× recorded speed)."),
+) -> None:
+    """The live path offline: the committed captures through the local replay websocket server (rich table, status
+    page, metrics), then the deterministic replay digest."""
+    demo(runs_dir, speed)
