@@ -95,6 +95,19 @@ def test_overrides_are_typed_by_the_model(tmp_path: Path) -> None:
         load(p, Root, ["name.x=1"])
 
 
+def test_boolean_overrides_take_any_case_and_stay_strict_otherwise(tmp_path: Path) -> None:
+    class Flags(ConfigModel):
+        on: bool = Field(False, description="a switch")
+        maybe: bool | None = Field(None, description="an optional switch")
+
+    p = write(tmp_path, "")
+    cfg = load(p, Flags, ["on=True", "maybe=FALSE"])
+    assert cfg.on is True and cfg.maybe is False
+    assert load(p, Flags, ["on=true"]).on is True
+    with pytest.raises(ConfigError, match=r"on=\"yes\": Input should be a valid boolean"):
+        load(p, Flags, ["on=yes"])
+
+
 def test_bad_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load(tmp_path / "missing.toml", Root)

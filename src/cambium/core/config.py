@@ -81,7 +81,13 @@ def parse_overrides(overrides: Iterable[str], model: type[BaseModel]) -> list[tu
             raise ConfigError(f"override {text!r} is not of the form section.key=value")
         path = key.split(".")
         annotation = _annotation_at(model, path)
-        parsed.append((path, raw if _takes_text(annotation) else _parse_toml_value(raw)))
+        if _takes_text(annotation):
+            value: Any = raw
+        elif bool in _unwrap(annotation) and raw.strip().lower() in ("true", "false"):
+            value = raw.strip().lower() == "true"  # TOML spells booleans in lower case; `True` is meant the same
+        else:
+            value = _parse_toml_value(raw)
+        parsed.append((path, value))
     return parsed
 
 
