@@ -149,7 +149,8 @@ class SQLiteRegistry(RunRegistry):
             con.close()
 
     def _prepare(self, con: sqlite3.Connection) -> None:
-        """Switch the file to WAL and create the table, retrying while another process holds a lock.
+        """Switch the file to WAL and create the table if that is not done yet, retrying while another process holds
+        a lock. On a registry that is ready this is two reads and takes no lock.
 
         SQLite answers "database is locked" at once, without waiting in the busy handler, when waiting could
         deadlock: a journal-mode change or a read-then-write statement that meets another connection's write
@@ -162,6 +163,8 @@ class SQLiteRegistry(RunRegistry):
             try:
                 if str(con.execute("PRAGMA journal_mode").fetchone()[0]).lower() != "wal":
                     con.execute("PRAGMA journal_mode = WAL")
+                if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs'").fetchone():
+                    return
                 con.execute("BEGIN IMMEDIATE")
                 con.execute(
                     "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, system TEXT NOT NULL, name TEXT NOT NULL,"
