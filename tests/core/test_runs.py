@@ -24,10 +24,8 @@ from cambium.core.cli import runs_app
 from cambium.core.config import ConfigModel, fingerprint, load
 from cambium.core.errors import DataError, RunError
 from cambium.core.metrics import MetricsWriter
+from cambium.core.registry import RunRecord, RunRegistry, SQLiteRegistry
 from cambium.core.runs import (
-    RunRecord,
-    RunRegistry,
-    SQLiteRegistry,
     create_run,
     finish_run,
     get_run,

@@ -19,7 +19,8 @@ from rich.table import Table
 from cambium.core.checkpoint import list_checkpoints, verify_checkpoint
 from cambium.core.errors import CambiumError, RunError
 from cambium.core.metrics import last_step, latest_values
-from cambium.core.runs import RunRecord, get_run, list_runs
+from cambium.core.registry import RunRecord
+from cambium.core.runs import get_run, list_runs
 
 __all__ = ["runs_app"]
 
