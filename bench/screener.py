@@ -170,12 +170,31 @@ def _serve(frames: list[Record], ports: Any, done: Any, sends: Any) -> None:
     asyncio.run(run())
 
 
-def live_latency(reps: list[Record], cfg: ScreenerConfig) -> tuple[dict[str, float], np.ndarray]:
-    """p95 of frame received → decision and of server send → decision over every frame after the warm-up, with the
-    server in another process pacing the frames at recorded speed; and the in-process p95 of the same frames (no
-    transport). Also every decided frame's (server send, connector receive, decision) times in ns."""
+def live_config(reps: list[Record], cfg: ScreenerConfig) -> ScreenerConfig:
+    """`cfg` subscribed to every symbol the frames name."""
     symbols = tuple(sorted({r.frame[11 : r.frame.index("@")].upper() for r in reps}))
-    live_cfg = cfg.model_copy(update={"live": cfg.live.model_copy(update={"symbols": symbols})})
+    return cfg.model_copy(update={"live": cfg.live.model_copy(update={"symbols": symbols})})
+
+
+def p95(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[int(0.95 * (len(xs) - 1))] if xs else float("nan")
+
+
+def inproc_p95_ms(reps: list[Record], cfg: ScreenerConfig) -> float:
+    """p95 of the same frames decoded and taken by a session in-process, with no transport."""
+    session, inproc = Session(cfg), []
+    for r in reps:
+        t0 = time.perf_counter_ns()
+        for ev in decode_binance(r.frame, r.recv_ns, "binance_usdm"):  # type: ignore[union-attr]
+            session.on_event(ev)
+        inproc.append((time.perf_counter_ns() - t0) / 1e6)
+    return p95(inproc)
+
+
+def live_latency(reps: list[Record], cfg: ScreenerConfig) -> dict[str, float]:
+    """p95 of frame received → decision and of server send → decision over every frame after the warm-up, with the
+    server in another process pacing the frames at recorded speed."""
     ctx = mp.get_context("spawn")
     ports, sends_q, done = ctx.Queue(), ctx.Queue(), ctx.Event()
     server = ctx.Process(target=_serve, args=(reps, ports, done, sends_q), daemon=True)
@@ -185,8 +204,8 @@ def live_latency(reps: list[Record], cfg: ScreenerConfig) -> tuple[dict[str, flo
     decided: list[tuple[Record, int]] = []
     span = (reps[-1].mono_ns - reps[0].mono_ns) / 1e9
     gc.collect()
-    result = asyncio.run(run_live(live_cfg, ws, Session(live_cfg), ScreenerMetrics(), max_events=len(reps),
-                                  duration_s=span + 30, probe=lambda rec, t: decided.append((rec, t))))
+    asyncio.run(run_live(cfg, ws, Session(cfg), ScreenerMetrics(), max_events=len(reps), duration_s=span + 30,
+                         probe=lambda rec, t: decided.append((rec, t))))
     done.set()
     sends = sends_q.get(timeout=120)
     server.join(timeout=30)
@@ -196,25 +215,10 @@ def live_latency(reps: list[Record], cfg: ScreenerConfig) -> tuple[dict[str, flo
     # a live exchange (which sends only what happens after the SUBSCRIBE) never produces.
     warm = min(t for _, t in sends) + WARMUP_NS
     timed = [(rec, t, sent_ns[rec.frame]) for rec, t in decided if sent_ns.get(rec.frame, 0) >= warm]
-    recv = sorted((t - rec.recv_ns) / 1e6 for rec, t, _ in timed)
-    from_send = sorted((t - sent) / 1e6 for _, t, sent in timed)
-    session, inproc = Session(live_cfg), []
-    for r in reps:
-        t0 = time.perf_counter_ns()
-        for ev in decode_binance(r.frame, r.recv_ns, "binance_usdm"):  # type: ignore[union-attr]
-            session.on_event(ev)
-        inproc.append((time.perf_counter_ns() - t0) / 1e6)
-    inproc.sort()
-
-    def p95(xs: list[float]) -> float:
-        return xs[int(0.95 * (len(xs) - 1))] if xs else float("nan")
-
-    summary = {"recv_p95_ms": p95(recv), "send_p95_ms": p95(from_send), "inproc_p95_ms": p95(inproc),
-               "frames_offered": len(reps), "frames_sent": len(sends), "frames_decided": len(decided),
-               "frames_timed": len(timed), "events": result.events, "offered_frames_per_s": len(reps) / span,
-               "span_s": span}
-    times = np.array([(sent_ns.get(rec.frame, 0), rec.recv_ns, t) for rec, t in decided], dtype=np.int64)
-    return summary, times
+    return {"recv_p95_ms": p95([(t - rec.recv_ns) / 1e6 for rec, t, _ in timed]),
+            "send_p95_ms": p95([(t - sent) / 1e6 for _, t, sent in timed]),
+            "frames_offered": len(reps), "frames_sent": len(sends), "frames_decided": len(decided),
+            "frames_timed": len(timed), "offered_frames_per_s": len(reps) / span, "span_s": span}
 
 
 def live_rows(head: list[Record], cfg: ScreenerConfig, facts: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
@@ -223,14 +227,15 @@ def live_rows(head: list[Record], cfg: ScreenerConfig, facts: dict[str, Any], re
     for traffic, sizes in (("market", (20, 200, 400)), ("stress", (20, 50, 100))):
         for n in sizes:
             reps = replicate(head, n, traffic)
-            runs = [live_latency(reps, cfg)[0] for _ in range(repeats)]
+            case_cfg = live_config(reps, cfg)
+            runs = [live_latency(reps, case_cfg) for _ in range(repeats)]
+            inproc = inproc_p95_ms(reps, case_cfg)
             suffix = "" if traffic == "market" else "_stress"
             for key, what in (("recv", "frame received → rank decision"), ("send", "server send → rank decision")):
                 p95s = [r[f"{key}_p95_ms"] for r in runs]
                 rec = make_record(f"live_{key}_p95_ms_{n}sym{suffix}", f"{what}, p95 ({traffic} traffic), median of "
                                   f"{repeats}", float(np.median(p95s)), "ms", "in-process pipeline p95 (no transport)",
-                                  float(np.median([r["inproc_p95_ms"] for r in runs])), higher_is_better=False,
-                                  machine_facts=facts)
+                                  inproc, higher_is_better=False, machine_facts=facts)
                 out.append({**rec, "traffic": traffic, "symbols": n, "runs": p95s, **{k: runs[0][k] for k in (
                     "frames_offered", "frames_sent", "frames_decided", "frames_timed", "offered_frames_per_s",
                     "span_s")}})
