@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import interleaved_best, machine, make_record, parse_args, write_results
-from cambium.nn.memory.delta import delta_rule_chunkwise, delta_rule_recurrent
+from cambium.nn.memory.delta import delta_rule_recurrent
+from cambium.nn.memory.delta_kernel import delta_rule_chunkwise
 
 
 def load_fla_naive(op: str) -> ModuleType | None:

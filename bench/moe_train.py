@@ -3,7 +3,7 @@ the same run, plus where the step time goes.
 
 Run: `python -m bench.moe_train [--quick] [--steps N] [--threads N] [--no-profile]`. Cases:
 
-- `train_step` (tokens/s): `cambium.moe.train.Trainer.train_step` (data, forward, backward, clipping, Muon/AdamW,
+- `train_step` (tokens/s): `cambium.moe.train.MoETask.train_step` (data, forward, backward, clipping, Muon/AdamW,
   router-bias update, step metrics) on moonlet-cpu; reference: the dense twin of equal active parameters
   (`bench.moe_vs_dense.dense_twin`) through the same trainer, interleaved step by step (same load on both).
 - `mfu` (fraction of peak): tokens/s × `cambium.moe.model.flops_per_token` / the best of several
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,11 +39,11 @@ from bench.common import machine, make_record, parse_args, write_results
 from bench.moe_vs_dense import CONFIG, SHAPES, dense_twin
 from cambium.core.config import load
 from cambium.core.doctor import measure_matmul_peak
-from cambium.core.runs import create_run
+from cambium.core.loop import DeviceContext
 from cambium.data.mixture import prepare_mixture
 from cambium.moe.config import MoEConfig
 from cambium.moe.model import MoETransformer, flops_per_token, lm_loss
-from cambium.moe.train import Trainer
+from cambium.moe.train import MoETask
 from cambium.nn.moe import MoE, combine, dispatch, expert_compute, plan_dispatch, resolve_backend
 
 TARGET_MFU = 0.40
@@ -88,7 +87,7 @@ def matmul_peak_cpu_time(n: int = 1024, runs: int = 5) -> float:
     return 2.0 * n**3 / best / 1e9
 
 
-def components(trainer: Trainer, repeats: int) -> dict[str, dict[str, float]]:
+def components(trainer: MoETask, repeats: int) -> dict[str, dict[str, float]]:
     """Forward + backward of each part of the model alone at the training shapes (inputs of unit variance), and the
     optimiser step and data batch of the trainer. Returns {part: {ms (per call, best), count (per step)}}."""
     cfg = trainer.cfg
@@ -151,12 +150,12 @@ def components(trainer: Trainer, repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def profile_step(trainer: Trainer) -> dict[str, float]:
+def profile_step(trainer: MoETask) -> dict[str, float]:
     """Self CPU time (ms) of one training step by operator class (OP_CLASSES, else 'other')."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        trainer.train_step()
+        next_step(trainer)
     by_class: dict[str, float] = {}
     for ev in prof.key_averages():
         cls = next((c for c, keys in OP_CLASSES if any(k in ev.key for k in keys)), "other")
@@ -168,12 +167,18 @@ def profile_step(trainer: Trainer) -> dict[str, float]:
     return dict(sorted(by_class.items(), key=lambda kv: -kv[1]))
 
 
-def make_trainer(cfg: MoEConfig, runs_root: Path) -> Trainer:
-    run = create_run(runs_root, system="moe", name=cfg.name, config=cfg, seed=cfg.train.seed, data_files=[])
-    return Trainer(cfg, run, resume=False)
+def make_trainer(cfg: MoEConfig) -> MoETask:
+    return MoETask(cfg, DeviceContext(torch.device("cpu")))
 
 
-def fwd_bwd_seconds(trainer: Trainer, repeats: int, clock: Callable[[], float] = time.perf_counter
+def next_step(trainer: MoETask, _counts: dict[int, int] = {}) -> dict[str, float]:  # noqa: B006 - a step counter per task
+    """One training step of `trainer`, numbered after the ones this bench already ran on it."""
+    step = _counts.get(id(trainer), 0)
+    _counts[id(trainer)] = step + 1
+    return trainer.train_step(step)
+
+
+def fwd_bwd_seconds(trainer: MoETask, repeats: int, clock: Callable[[], float] = time.perf_counter
                     ) -> tuple[float, float]:
     batch = trainer.loader.next_batch()
     model = trainer.model
@@ -188,7 +193,7 @@ def fwd_bwd_seconds(trainer: Trainer, repeats: int, clock: Callable[[], float] =
 
 
 @torch.no_grad()
-def padding_overhead(trainer: Trainer) -> list[float]:
+def padding_overhead(trainer: MoETask) -> list[float]:
     """Per MoE layer, rows the padded batched matmul computes over rows it needs: E·max(load) / Σ load (1 = none).
     The FLOPs model counts only the needed rows, so this factor is expert work that MFU does not credit."""
     out = trainer.model(trainer.loader.next_batch()[:, :-1])
@@ -211,36 +216,35 @@ def main(argv: Sequence[str] | None = None) -> None:
     steps = args.steps or (3 if args.quick else 8)
     load_before = os.getloadavg()
     cfg = load(args.config, MoEConfig, overrides)
-    dense_cfg, hidden = dense_twin(cfg, args.config, overrides)
+    dense_cfg, hidden = dense_twin(cfg)
     if not (cfg.data.mixture.out_dir / "mixture.json").exists():
         prepare_mixture(cfg.data.mixture)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     peaks = [measure_matmul_peak("cpu", runs=5)]
-    with tempfile.TemporaryDirectory() as tmp:
-        moe, dense = make_trainer(cfg, Path(tmp)), make_trainer(dense_cfg, Path(tmp))
-        tokens_per_step = cfg.data.seq_len * cfg.data.batch_size
-        times: dict[str, list[float]] = {"moe": [], "dense": []}
-        cpu_times: dict[str, list[float]] = {"moe": [], "dense": []}
-        cpu_peaks = [matmul_peak_cpu_time()]
-        for i in range(steps + 2):  # interleaved: both models see the same load; first 2 steps are warm-up
-            for name, trainer in (("moe", moe), ("dense", dense)):
-                start, cpu_start = time.perf_counter(), time.process_time()
-                trainer.train_step()
-                if i >= 2:
-                    times[name].append(time.perf_counter() - start)
-                    cpu_times[name].append(time.process_time() - cpu_start)
-            peaks.append(measure_matmul_peak("cpu", runs=3))
-            cpu_peaks.append(matmul_peak_cpu_time(runs=3))
-        fb_best, fb_median = fwd_bwd_seconds(moe, max(2, steps // 2))
-        fb_cpu, _ = fwd_bwd_seconds(moe, max(2, steps // 2), clock=time.process_time)
-        padding = padding_overhead(moe)
-        parts = prof = None
-        if not args.no_profile:
-            parts = components(moe, repeats=3)
-            prof = profile_step(moe)
-        moe.metrics.close()
-        dense.metrics.close()
+    moe, dense = make_trainer(cfg), make_trainer(dense_cfg)
+    tokens_per_step = cfg.data.seq_len * cfg.data.batch_size
+    times: dict[str, list[float]] = {"moe": [], "dense": []}
+    cpu_times: dict[str, list[float]] = {"moe": [], "dense": []}
+    cpu_peaks = [matmul_peak_cpu_time()]
+    for i in range(steps + 2):  # interleaved: both models see the same load; first 2 steps are warm-up
+        for name, trainer in (("moe", moe), ("dense", dense)):
+            start, cpu_start = time.perf_counter(), time.process_time()
+            next_step(trainer)
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+                cpu_times[name].append(time.process_time() - cpu_start)
+        peaks.append(measure_matmul_peak("cpu", runs=3))
+        cpu_peaks.append(matmul_peak_cpu_time(runs=3))
+    fb_best, fb_median = fwd_bwd_seconds(moe, max(2, steps // 2))
+    fb_cpu, _ = fwd_bwd_seconds(moe, max(2, steps // 2), clock=time.process_time)
+    padding = padding_overhead(moe)
+    parts = prof = None
+    if not args.no_profile:
+        parts = components(moe, repeats=3)
+        prof = profile_step(moe)
+    moe.metrics.close()
+    dense.metrics.close()
     peak = max(peaks)
     fpt, dense_fpt = flops_per_token(moe.model, cfg.data.seq_len), flops_per_token(dense.model, cfg.data.seq_len)
     best = {k: min(v) for k, v in times.items()}

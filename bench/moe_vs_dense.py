@@ -6,7 +6,7 @@ Run: `python -m bench.moe_vs_dense [--quick] [--shape small|moonlet-cpu|quick] [
 Both models come from `configs/moe/moonlet-cpu.toml` (its mixture: tinyshakespeare + wikitext-2, BPE 4096) with the
 same shape overrides; the dense twin makes every layer a dense SwiGLU whose width is solved so that its active
 parameter count (input embedding and output head excluded) equals the MoE model's (`dense_twin`). Both are trained by
-`cambium.moe.train.Trainer` with the same seed, data order, WSD schedule (5 % warmup, 20 % 1-sqrt decay, by tokens)
+`cambium.moe.train.MoETask` with the same seed, data order, WSD schedule (5 % warmup, 20 % 1-sqrt decay, by tokens)
 and token budget, and evaluated on the same validation windows. Each comparison runs under two optimiser settings
 (`OPTIM_OVERRIDES`): "muon", as the configs ship (Muon for 2-D dense matrices, AdamW for routed experts, so the dense
 twin's whole feed-forward gets Muon and the MoE's routed experts do not), and "adamw" (AdamW everywhere), which
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,12 +34,12 @@ from typing import Any
 import torch
 
 from bench.common import machine, make_record, parse_args, write_results
-from cambium.core.config import load
-from cambium.core.runs import create_run
+from cambium.core.config import load, load_data
+from cambium.core.loop import DeviceContext
 from cambium.data.mixture import prepare_mixture
 from cambium.moe.config import MoEConfig
 from cambium.moe.model import MoETransformer
-from cambium.moe.train import Trainer
+from cambium.moe.train import MoETask
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "moe" / "moonlet-cpu.toml"
@@ -70,16 +69,22 @@ def active_params(cfg: MoEConfig) -> int:
     return MoETransformer(cfg.model).num_params(active=True, embeddings=False)
 
 
-def dense_twin(cfg: MoEConfig, path: Path = CONFIG, overrides: Sequence[str] = ()) -> tuple[MoEConfig, int]:
-    """The all-dense model of `cfg` (same attention, depth, width, data, optimiser, schedule) whose dense SwiGLU width
-    h makes its active parameter count closest to `cfg`'s. Returns (config, h). `cfg` must be `load(path, overrides)`.
+def dense_twin(cfg: MoEConfig) -> tuple[MoEConfig, int]:
+    """The all-dense model of `cfg` (same attention, depth, width, data, optimiser, schedule; no moe table) whose
+    dense SwiGLU width h makes its active parameter count closest to `cfg`'s. Returns (config, h).
     Dense params are P0 + L·3·D·h, so h follows from the count at h=1."""
+
+    def twin(hidden: int) -> MoEConfig:
+        data = cfg.model_dump(mode="json")
+        data["name"] = f"{cfg.name}-dense"
+        data["model"].update(n_dense_layers=cfg.model.n_layers, dense_hidden=hidden)
+        del data["model"]["moe"]
+        return load_data(data, MoEConfig)
+
     target = active_params(cfg)
     dims = cfg.model.n_layers * 3 * cfg.model.dim
-    base = [*overrides, f"model.n_dense_layers={cfg.model.n_layers}", f"name={cfg.name}-dense"]
-    at_one = active_params(load(path, MoEConfig, [*base, "model.dense_hidden=1"]))
-    hidden = max(1, round((target - at_one) / dims) + 1)
-    return load(path, MoEConfig, [*base, f"model.dense_hidden={hidden}"]), hidden
+    hidden = max(1, round((target - active_params(twin(1))) / dims) + 1)
+    return twin(hidden), hidden
 
 
 def schedule_overrides(total_tokens: int, lr: float) -> list[str]:
@@ -89,30 +94,28 @@ def schedule_overrides(total_tokens: int, lr: float) -> list[str]:
             f"schedule.lr_max={lr}", f"optim.dense_lr={lr}"]
 
 
-def train_curve(cfg: MoEConfig, runs_root: Path, eval_every: int) -> dict[str, Any]:
+def train_curve(cfg: MoEConfig, eval_every: int) -> dict[str, Any]:
     """Train `cfg` for its schedule; validation every `eval_every` steps and at the end. Returns curves and figures."""
-    run = create_run(runs_root, system="moe", name=cfg.name, config=cfg, seed=cfg.train.seed, data_files=[])
-    with run:
-        trainer = Trainer(cfg, run, resume=False)
-        curve: list[dict[str, float]] = []
-        train_loss: list[float] = []
-        start = time.perf_counter()
-        while trainer.step < trainer.total_steps:
-            values = trainer.train_step()
-            train_loss.append(values["lm_loss"])
-            if trainer.step % eval_every == 0 or trainer.step == trainer.total_steps:
-                ev = trainer.evaluate()
-                curve.append({"step": trainer.step, "tokens": trainer.tokens, "val_loss": ev["val/loss"],
-                              "val_bpb": ev["val/bpb"]})
-                print(f"  {cfg.name} step {trainer.step}/{trainer.total_steps} train {values['lm_loss']:.3f} "
-                      f"val {ev['val/loss']:.3f} ({ev['val/bpb']:.3f} bpb) {time.perf_counter() - start:.0f} s",
-                      flush=True)
-        seconds = time.perf_counter() - start
-        trainer.metrics.close()
-        run.finish("finished", summary={"val/loss": curve[-1]["val_loss"]})
+    trainer = MoETask(cfg, DeviceContext(torch.device("cpu")))
+    total = trainer.steps_to_run
+    curve: list[dict[str, float]] = []
+    train_loss: list[float] = []
+    start = time.perf_counter()
+    for step in range(total):
+        values = trainer.train_step(step)
+        train_loss.append(values["lm_loss"])
+        done = step + 1
+        if done % eval_every == 0 or done == total:
+            ev = trainer.evaluate()
+            curve.append({"step": done, "tokens": done * trainer.events_per_step, "val_loss": ev["val/loss"],
+                          "val_bpb": ev["val/bpb"]})
+            print(f"  {cfg.name} step {done}/{total} train {values['lm_loss']:.3f} "
+                  f"val {ev['val/loss']:.3f} ({ev['val/bpb']:.3f} bpb) {time.perf_counter() - start:.0f} s",
+                  flush=True)
+    seconds = time.perf_counter() - start
     model = trainer.model
     return {"name": cfg.name, "curve": curve, "train_loss": train_loss, "seconds": seconds,
-            "tokens": trainer.tokens, "steps": trainer.step,
+            "tokens": total * trainer.events_per_step, "steps": total,
             "active_params": model.num_params(active=True, embeddings=False),
             "total_params": model.num_params(embeddings=False)}
 
@@ -152,7 +155,6 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--optim", nargs="+", choices=sorted(OPTIM_TITLES), default=None,
                         help="optimiser settings to compare under (default: muon adamw; --quick: muon)")
     parser.add_argument("--plot", type=Path, default=None, help=f"curve PNG (default {PLOT}; not written by --quick)")
-    parser.add_argument("--runs-dir", type=Path, default=None, help="run registry (default: a temporary directory)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -172,18 +174,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     optims = args.optim or (["muon"] if args.quick else ["muon", "adamw"])
     results: dict[str, dict[str, dict[str, Any]]] = {}
     hidden = 0
-    with tempfile.TemporaryDirectory() as tmp:
-        runs_root = args.runs_dir or Path(tmp)
-        for optim in optims:
-            overrides = [*common, *OPTIM_OVERRIDES[optim]]
-            moe_cfg = load(CONFIG, MoEConfig, overrides)
-            dense_cfg, hidden = dense_twin(moe_cfg, CONFIG, overrides)
-            if not (moe_cfg.data.mixture.out_dir / "mixture.json").exists():
-                prepare_mixture(moe_cfg.data.mixture)
-            print(f"shape {shape}, optimiser {optim}: {steps} steps x {base.data.seq_len * base.data.batch_size} "
-                  f"tokens; dense twin hidden {hidden}", flush=True)
-            results[optim] = {"moe": train_curve(moe_cfg, runs_root, eval_every),
-                              "dense": train_curve(dense_cfg, runs_root, eval_every)}
+    for optim in optims:
+        overrides = [*common, *OPTIM_OVERRIDES[optim]]
+        moe_cfg = load(CONFIG, MoEConfig, overrides)
+        dense_cfg, hidden = dense_twin(moe_cfg)
+        if not (moe_cfg.data.mixture.out_dir / "mixture.json").exists():
+            prepare_mixture(moe_cfg.data.mixture)
+        print(f"shape {shape}, optimiser {optim}: {steps} steps x {base.data.seq_len * base.data.batch_size} "
+              f"tokens; dense twin hidden {hidden}", flush=True)
+        results[optim] = {"moe": train_curve(moe_cfg, eval_every),
+                          "dense": train_curve(dense_cfg, eval_every)}
     facts = machine("cpu")
     facts["load_avg_before"] = [round(x, 2) for x in load_before]
     facts["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]

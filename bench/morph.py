@@ -39,8 +39,8 @@ from torch import nn
 from bench.common import machine, make_record, parse_args, write_results
 from cambium.morph.config import PolicyConfig, SeedsConfig
 from cambium.morph.contracts import HealthSignal, Seed, SeedState, SystemStatePacket
+from cambium.morph.controller import HeuristicPolicy
 from cambium.morph.hosts import HostCNN
-from cambium.morph.tamiyo import HeuristicPolicy
 from cambium.morph.wrap import MorphedModel, wrap
 
 WIDTHS = (32, 64, 128)

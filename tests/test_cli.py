@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,21 +12,42 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-from cambium.cli import app
+from cambium.cli import MOUNTS, app, load_mount
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def walk(cmd: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
-    # typer builds on its own copy of click, so duck typing rather than isinstance(click.Group).
+    # typer builds on its own copy of click, so duck typing rather than isinstance(click.Group); the root group is
+    # lazy, so subcommands come from get_command rather than `.commands`.
     out = [(path, cmd)]
-    if hasattr(cmd, "commands"):
-        for name, sub in sorted(cmd.commands.items()):
-            out += walk(sub, (*path, name))
+    if hasattr(cmd, "list_commands"):
+        ctx = cmd.make_context("cambium", ["--help"], resilient_parsing=True)
+        for name in sorted(cmd.list_commands(ctx)):
+            out += walk(cmd.get_command(ctx, name), (*path, name))
     return out
 
 
 COMMANDS = walk(typer.main.get_command(app))
+
+# Run in a fresh interpreter: what `cambium --help`, `cambium market --help` and `cambium screener --help` import.
+LAZY_PROBE = """
+import json
+import sys
+from typer.testing import CliRunner
+import cambium.cli as cli
+
+runner = CliRunner()
+listing = runner.invoke(cli.app, ["--help"], env={"COLUMNS": "100"})
+assert listing.exit_code == 0, listing.output
+for group in ("market", "screener"):
+    result = runner.invoke(cli.app, [group, "--help"], env={"COLUMNS": "100"})
+    assert result.exit_code == 0 and "demo" in result.output, result.output
+print("torch" in sys.modules)
+for name in cli.MOUNTS:
+    cli.load_mount(name)
+print(json.dumps(listing.output))
+"""
 
 
 def test_every_system_with_a_demo_offers_it_as_a_subcommand() -> None:
@@ -34,6 +56,20 @@ def test_every_system_with_a_demo_offers_it_as_a_subcommand() -> None:
 
     paths = {path for path, _ in COMMANDS}
     assert {(name, "demo") for name, _ in DEMOS} <= paths
+
+
+def test_market_and_screener_start_without_torch_and_the_lazy_listing_is_the_real_one() -> None:
+    proc = subprocess.run([sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    torch_imported, lazy_listing = proc.stdout.splitlines()[-2:]
+    assert torch_imported == "False", "`cambium market/screener --help` imported torch"
+    loaded = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"})  # every group is loaded here (COMMANDS)
+    assert loaded.exit_code == 0 and json.loads(lazy_listing) == loaded.output
+
+
+def test_the_short_helps_kept_in_cli_are_the_groups_own() -> None:
+    for name, mount in MOUNTS.items():
+        assert load_mount(name).help == mount.help, f"cambium.cli.MOUNTS[{name!r}].help differs from the group's"
 
 
 @pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=lambda x: " ".join(x) if isinstance(x, tuple) else "")

@@ -42,4 +42,4 @@ def demo_command(
         start = time.perf_counter()
         importlib.import_module(module).demo(runs_dir=runs_dir)
         console.print(f"{name} demo finished in {time.perf_counter() - start:.1f} s")
-    console.print(f"Results: runs in {runs_dir.resolve()} (list them with `cambium runs ls --root {runs_dir}`).")
+    console.print(f"Results: runs in {runs_dir.resolve()} (list them with `cambium runs ls --runs-dir {runs_dir}`).")

@@ -1,7 +1,7 @@
 """A small real trainer used to prove exact resume: a 2-layer char-level transformer on tiny Shakespeare.
 
-    python tests/core/resume_trainer.py --root RUNS [--set train.steps=30 ...]   start a run
-    python tests/core/resume_trainer.py --root RUNS --resume RUN_ID              resume it from its latest checkpoint
+    python tests/core/resume_trainer.py --runs-dir RUNS [--set train.steps=30 ...]  start a run
+    python tests/core/resume_trainer.py --runs-dir RUNS --resume RUN_ID             resume it from its latest checkpoint
 
 It uses every RNG a real trainer touches (torch for init and dropout, a numpy Generator for batch offsets, and the
 python and numpy global RNGs, whose draws are logged as `probe/*` metrics so a wrong restore shows up in the rows),
@@ -25,8 +25,8 @@ from torch import nn
 from cambium.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from cambium.core.config import ConfigModel, load, load_data
 from cambium.core.metrics import MetricsWriter
+from cambium.core.progress import ProgressReporter
 from cambium.core.runs import create_run, get_run, open_run
-from cambium.core.testing import ProgressReporter
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = "data/samples/text/tinyshakespeare/input.txt"
@@ -98,7 +98,7 @@ def batch(ids: torch.Tensor, offsets: np.ndarray, context: int) -> tuple[torch.T
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", required=True, help="runs directory (holds experiments.sqlite)")
+    parser.add_argument("--runs-dir", dest="root", required=True, help="runs directory (holds experiments.sqlite)")
     parser.add_argument("--resume", default=None, help="id (or unique prefix) of a run to resume")
     parser.add_argument("--set", action="append", default=[], dest="overrides", help="config override a.b=c")
     parser.add_argument("--skip-rng-restore", action="store_true",

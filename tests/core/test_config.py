@@ -1,8 +1,9 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import pytest
 from pydantic import Field, model_validator
@@ -122,3 +123,30 @@ def test_toml_round_trip_and_fingerprint(tmp_path: Path) -> None:
     assert again == cfg and fingerprint(again) == fingerprint(cfg)
     assert fingerprint(load_data({}, Root)) != fingerprint(cfg)
     assert len(fingerprint(cfg)) == 64
+
+
+class Planned(ConfigModel):
+    unbuilt: ClassVar[Mapping[str, str]] = {"levels": "multi-frequency levels, issue 99"}
+
+    width: int = Field(4, ge=1, description="width")
+
+
+class WithPlanned(ConfigModel):
+    unbuilt: ClassVar[Mapping[str, str]] = {"later": "a later feature, issue 98"}
+
+    part: Planned = Field(default_factory=Planned, description="a part with a planned key")
+
+
+def test_a_planned_key_is_refused_as_not_built_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"override part.levels.x: 'part.levels' is not built yet "
+                       r"\(multi-frequency levels, issue 99\)"):
+        load_data({}, WithPlanned, ["part.levels.x=1"])
+    path = tmp_path / "c.toml"
+    path.write_text("[later]\nx = 1\n[part]\nlevels = [1, 8]\n")
+    with pytest.raises(ConfigError) as exc:
+        load(path, WithPlanned)
+    assert "part.levels: not built yet (multi-frequency levels, issue 99); remove it" in str(exc.value)
+    assert "later: not built yet (a later feature, issue 98); remove it" in str(exc.value)
+    # Only the planned keys themselves are "not built"; another unknown key stays unknown.
+    with pytest.raises(ConfigError, match=r"part.levelz: unknown key \(known keys here: width\)"):
+        load_data({"part": {"levelz": 1}}, WithPlanned)

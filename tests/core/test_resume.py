@@ -18,11 +18,10 @@ from typer.testing import CliRunner
 
 from cambium.core.checkpoint import checkpoint_path, latest_checkpoint
 from cambium.core.cli import runs_app
+from cambium.core.progress import ENV_PROGRESS, ProgressReporter
 from cambium.core.runs import get_run, list_runs
 from cambium.core.testing import (
-    ENV_PROGRESS,
     PERF_PREFIX,
-    ProgressReporter,
     ResumeReport,
     ResumeTestError,
     ScenarioReport,
@@ -42,7 +41,7 @@ Resumed = tuple[Path, list[str], dict[str, str], ResumeReport]
 def resumed(tmp_path_factory: pytest.TempPathFactory) -> Resumed:
     root = tmp_path_factory.mktemp("runs")
     seed = int(os.environ.get("CAMBIUM_RESUME_SEED", random.SystemRandom().randrange(1_000_000)))
-    command = [sys.executable, str(TRAINER), "--root", str(root), "--set", f"train.steps={N_STEPS}",
+    command = [sys.executable, str(TRAINER), "--runs-dir", str(root), "--set", f"train.steps={N_STEPS}",
                "--set", f"train.checkpoint_every={CHECKPOINT_EVERY}"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")]))}
     report = check_exact_resume(command, runs_root=root, n_steps=N_STEPS, seed=seed, env=env, cwd=REPO)
@@ -87,7 +86,7 @@ def test_registry_and_cli_list_the_runs(resumed: Resumed) -> None:
     for s in report.scenarios:
         prov = json.loads((get_run(root, s.run_id).dir / "provenance.json").read_text())
         assert len(prov["resumes"]) == 1
-    result = CliRunner().invoke(runs_app, ["ls", "--root", str(root)])
+    result = CliRunner().invoke(runs_app, ["ls", "--runs-dir", str(root)])
     assert result.exit_code == 0, result.output
     for run_id in ids:
         line = next(line for line in result.output.splitlines() if run_id in line)

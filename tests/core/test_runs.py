@@ -268,20 +268,20 @@ def test_cli_ls_show_compare(tmp_path: Path) -> None:
     second = _make_run(tmp_path, "second", Cfg(lr=0.2, inner=Inner(name="b")), [3.0, 2.0])
     cli = CliRunner()
 
-    listing = cli.invoke(runs_app, ["ls", "--root", str(tmp_path)])
+    listing = cli.invoke(runs_app, ["ls", "--runs-dir", str(tmp_path)])
     assert listing.exit_code == 0, listing.output
     for run_id in (first, second):
         assert run_id in listing.output
     first_line = next(line for line in listing.output.splitlines() if first in line)
     assert "finished" in first_line and " 3 " in first_line and "loss=2.25" in first_line
-    only_demo = cli.invoke(runs_app, ["ls", "--root", str(tmp_path), "--system", "other"])
+    only_demo = cli.invoke(runs_app, ["ls", "--runs-dir", str(tmp_path), "--system", "other"])
     assert "no runs" in only_demo.output
 
-    shown = cli.invoke(runs_app, ["show", first[:-2], "--root", str(tmp_path)])
+    shown = cli.invoke(runs_app, ["show", first[:-2], "--runs-dir", str(tmp_path)])
     assert shown.exit_code == 0, shown.output
     assert "lr = 0.1" in shown.output and "2.25" in shown.output and "no checkpoints" in shown.output
 
-    compared = cli.invoke(runs_app, ["compare", first, second, "--root", str(tmp_path)])
+    compared = cli.invoke(runs_app, ["compare", first, second, "--runs-dir", str(tmp_path)])
     assert compared.exit_code == 0, compared.output
     lines = compared.output.splitlines()
     assert any("lr" in line and "0.1" in line and "0.2" in line for line in lines)
@@ -291,7 +291,7 @@ def test_cli_ls_show_compare(tmp_path: Path) -> None:
     assert "2.25 (3)" in loss_line and "2 (2)" in loss_line
     assert not any("only_first" in line for line in lines)
 
-    missing = cli.invoke(runs_app, ["show", "nope", "--root", str(tmp_path)])
+    missing = cli.invoke(runs_app, ["show", "nope", "--runs-dir", str(tmp_path)])
     assert missing.exit_code != 0 and isinstance(missing.exception, RunError)
 
 
@@ -306,7 +306,7 @@ def test_cli_help_covers_every_option() -> None:
     cli = CliRunner()
     for name in ("ls", "show", "compare"):
         result = cli.invoke(runs_app, [name, "--help"])
-        assert result.exit_code == 0 and "--root" in result.output
+        assert result.exit_code == 0 and "--runs-dir" in result.output
 
 
 def test_a_moved_runs_directory_still_resolves(tmp_path: Path) -> None:
@@ -338,7 +338,7 @@ def test_cli_show_lists_checkpoints_and_flags_incomplete_ones(tmp_path: Path) ->
     save_checkpoint(run.checkpoint_dir, 4, state)
     broken = save_checkpoint(run.checkpoint_dir, 8, state)
     (broken / "meta.json").unlink()
-    result = CliRunner().invoke(runs_app, ["show", run.id, "--root", str(tmp_path)])
+    result = CliRunner().invoke(runs_app, ["show", run.id, "--runs-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert any(line.strip("│ ").startswith("4 ") and "complete" in line for line in lines)

@@ -71,7 +71,9 @@ def test_tied_and_untied_embeddings() -> None:
 
 
 def test_gqa_variant_and_all_dense() -> None:
-    cfg = _tiny("model.attention.kind=gqa", "model.attention.n_kv_heads=2", "model.n_dense_layers=3")
+    data = load(CONFIGS / "tiny.toml", CONFIG_MODEL).model_dump(mode="json")
+    data["model"].update(n_dense_layers=3, moe=None)
+    cfg = load_data(data, CONFIG_MODEL, ["model.attention.kind=gqa", "model.attention.n_kv_heads=2"]).model
     m = _model(cfg)
     assert all(isinstance(b.attn, Attention) for b in m.blocks)
     out = m(torch.randint(0, 512, (1, 8)))
@@ -140,6 +142,12 @@ def test_config_errors_name_the_field() -> None:
         load_data(base, CONFIG_MODEL, ["model.moe.top_k=9"])
     with pytest.raises(ConfigError, match="n_dense_layers=4 must be <= n_layers=3"):
         load_data(base, CONFIG_MODEL, ["model.n_dense_layers=4"])
+    # An all-dense model would not read a moe table; a model with MoE layers cannot do without one.
+    with pytest.raises(ConfigError, match=r"every layer is dense \(n_dense_layers = n_layers = 3\), so nothing "
+                       "would read the moe table: remove it"):
+        load_data(base, CONFIG_MODEL, ["model.n_dense_layers=3"])
+    with pytest.raises(ConfigError, match=r"layers 1..2 are MoE .*: add the moe table"):
+        load_data({**base, "model": {k: v for k, v in base["model"].items() if k != "moe"}}, CONFIG_MODEL)
     with pytest.raises(ConfigError, match="expert_hidden=40 must be a multiple of 16 for lowp=nvfp4"):
         load_data(base, CONFIG_MODEL, ["model.moe.lowp=nvfp4", "model.moe.expert_hidden=40"])
     with pytest.raises(ConfigError, match=r"sequence length 200 exceeds model\.max_seq_len=128"):

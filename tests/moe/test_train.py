@@ -89,14 +89,44 @@ def test_sigkill_and_resume_give_bitwise_identical_metrics(mixture_dir: Path, tm
     assert report.ok, report.summary()
 
 
+def test_resume_extends_a_finished_run_and_refuses_a_changed_model(mixture_dir: Path, tmp_path: Path) -> None:
+    from cambium.core.errors import ConfigError
+    from cambium.core.runs import get_run
+
+    runs = tmp_path / "runs"
+    first = train(tiny(mixture_dir, "train.max_steps=10", "train.threads=1"), runs, show_progress=False,
+                  measure_peak=False)
+    before = [(r.step, r.name, r.value) for r in read_metrics(first.run_dir / "metrics.duckdb")
+              if not r.name.startswith("perf/")]
+    with pytest.raises(ConfigError, match=r"model\.dim"):
+        train(tiny(mixture_dir, "train.max_steps=10", "train.threads=1", "model.dim=96"), runs, resume=first.run_id,
+              show_progress=False, measure_peak=False)
+    assert get_run(runs, first.run_id).status == "finished"  # a refused resume leaves the run as it was
+    longer = train(tiny(mixture_dir, "train.max_steps=14", "train.threads=1"), runs, resume=first.run_id,
+                   show_progress=False, measure_peak=False)
+    rows = [(r.step, r.name, r.value) for r in read_metrics(first.run_dir / "metrics.duckdb")
+            if not r.name.startswith("perf/")]
+    assert longer.steps == 14 and max(s for s, _, _ in rows) == 14
+    assert [r for r in rows if r[0] <= 10 and not r[1].startswith("val/")] == [
+        r for r in before if not r[1].startswith("val/")]
+    assert get_run(runs, first.run_id).status == "finished"
+    assert load(first.run_dir / "config.toml", MoEConfig).train.max_steps == 14
+
+
 def test_resume_refuses_a_checkpoint_of_another_config_before_loading_it(mixture_dir: Path, tmp_path: Path) -> None:
     from cambium.core.errors import CheckpointError
+    from cambium.core.loop import DeviceContext, Session
+    from cambium.core.progress import ProgressReporter
     from cambium.core.runs import open_run
-    from cambium.moe.train import Trainer
+    from cambium.moe.train import MoETask
 
     cfg = tiny(mixture_dir, "train.max_steps=10")
     result = train(cfg, tmp_path / "runs", show_progress=False, measure_peak=False)
-    # open_run without a config skips the registry's check, so the checkpoint's own fingerprint is what stops this;
+    # A session opened by hand skips the run's config check, so the checkpoint's own fingerprint is what stops this;
     # a wider model would otherwise fail inside load_state_dict on tensor shapes.
-    with open_run(tmp_path / "runs", result.run_id) as run, pytest.raises(CheckpointError, match="another config"):
-        Trainer(tiny(mixture_dir, "train.max_steps=10", "model.dim=96"), run, resume=True)
+    wide = tiny(mixture_dir, "train.max_steps=10", "model.dim=96")
+    device = DeviceContext(torch.device("cpu"))
+    with Session(wide, wide.train, open_run(tmp_path / "runs", result.run_id), resumed=True, device=device,
+                 reporter=ProgressReporter(None), show_progress=False, peak=None) as session, \
+            pytest.raises(CheckpointError, match="another config"):
+        session.fit(MoETask(wide, device))

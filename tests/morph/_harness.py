@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from cambium.morph.config import LibraryConfig, LifecycleConfig, MorphConfig, PolicyConfig, SeedsConfig
-from cambium.morph.tolaria import EpochResult, Morphogenesis, Tolaria, assemble
+from cambium.morph.loop import EpochResult, Morphogenesis, Tolaria, assemble
 
 
 def xor_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,13 +36,16 @@ def config(tmp_path, **lifecycle) -> MorphConfig:
 class Harness:
     """Tolaria on the XOR task with accuracy as the validation metric."""
 
-    def __init__(self, tmp_path, host: nn.Module | None = None, *, policy: bool = False, **lifecycle) -> None:
+    def __init__(self, tmp_path, host: nn.Module | None = None, *, policy: bool = False,
+                 on_compile_start: Any = None, **lifecycle) -> None:
         self.cfg = config(tmp_path, **lifecycle)
-        self.m: Morphogenesis = assemble(host if host is not None else linear_host(), self.cfg)
+        self.m: Morphogenesis = assemble(host if host is not None else linear_host(), self.cfg,
+                                         on_compile_start=on_compile_start)
         if not policy:
             self.m.policy.cfg = self.m.policy.cfg.model_copy(update={"health_threshold": 0.0})
         self.opt = torch.optim.AdamW(self.m.kasmina.host_parameters(), lr=1e-2)
-        self.t = Tolaria(self.m, self.opt, nn.functional.cross_entropy)
+        self.t = Tolaria(self.m, self.opt, nn.functional.cross_entropy,
+                         await_compiles=self.cfg.lifecycle.await_compiles)
         self.x, self.y = xor_data(512, 0)
         self.vx, self.vy = xor_data(512, 1)
         self.epoch = 0
@@ -73,3 +78,19 @@ class Harness:
 
     def close(self) -> None:
         self.m.close()
+
+
+def assert_same_state(a: Any, b: Any, path: str = "state") -> None:
+    """Nested state dicts equal bit for bit (tensors by `torch.equal`); `path` names the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_same_state(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert type(a) is type(b) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path

@@ -10,8 +10,8 @@ import torch
 from cambium.morph.blueprints import TEMPLATES, make_blueprint
 from cambium.morph.contracts import BlueprintIR, IRNode, OpKind
 from cambium.morph.ir import BlueprintError, CompiledIRModule, build_module, infer_shapes, param_count
-from cambium.morph.karn import Karn, mutate
-from cambium.morph.urza import Urza
+from cambium.morph.library import Urza
+from cambium.morph.mutate import Karn, mutate
 
 SHAPES = {"conv": ("B", 8, 6, 6), "tokens": ("B", "T", 8), "flat": ("B", 8)}
 FITS = {

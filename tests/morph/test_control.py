@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from cambium.core.errors import ProtocolError
+from cambium.morph.bus import TOPICS, InProcessBus
 from cambium.morph.config import PolicyConfig
 from cambium.morph.contracts import (
     AdaptationKind,
@@ -17,8 +18,7 @@ from cambium.morph.contracts import (
     SeedState,
     SystemStatePacket,
 )
-from cambium.morph.oona import TOPICS, InProcessBus
-from cambium.morph.tamiyo import HeuristicPolicy
+from cambium.morph.controller import HeuristicPolicy
 
 
 def _health(i, score, conf, epoch=4):

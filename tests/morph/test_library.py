@@ -8,12 +8,12 @@ import threading
 import pytest
 import torch
 
+from cambium.morph.bus import InProcessBus
 from cambium.morph.cache import KernelCache, module_bytes
+from cambium.morph.compiler import Tezzeret, load_kernel
 from cambium.morph.contracts import CompileSettings, KernelStatus
-from cambium.morph.oona import InProcessBus
-from cambium.morph.tezzeret import Tezzeret, load_kernel
-from cambium.morph.urabrask import tags_for
-from cambium.morph.urza import ArtifactError, Urza
+from cambium.morph.kernel_bench import tags_for
+from cambium.morph.library import ArtifactError, Urza
 
 
 @pytest.fixture

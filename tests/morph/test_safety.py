@@ -5,6 +5,7 @@ budget holds, and a failing kernel falls back to the identity path."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -177,14 +178,14 @@ def test_at_most_max_adaptations_per_epoch(tmp_path):
     h = Harness(tmp_path, host)
     try:
         from cambium.morph.config import SeedsConfig
-        from cambium.morph.tolaria import assemble
+        from cambium.morph.loop import assemble
 
         h.close()
         cfg = h.cfg.model_copy(update={"seeds": SeedsConfig(locations=("0", "2", "4"), telemetry_every=1)})
         h.cfg = cfg
         h.m = assemble(host, cfg)
         h.opt = torch.optim.AdamW(h.m.kasmina.host_parameters(), lr=1e-2)
-        from cambium.morph.tolaria import Tolaria
+        from cambium.morph.loop import Tolaria
 
         h.t = Tolaria(h.m, h.opt, nn.functional.cross_entropy)
         res = h.run_epoch()
@@ -348,3 +349,22 @@ def test_freeze_host_in_must_include_training():
 
     with pytest.raises(ConfigError, match="must include TRAINING"):
         load("configs/morph/tiny.toml", CONFIG_MODEL, ['lifecycle.freeze_host_in=["GRAFTING"]'])
+
+
+def test_a_compile_still_in_flight_after_the_timeout_is_culled(tmp_path):
+    """With `await_compiles = false` a boundary does not wait for the compiler; a kernel still not ready
+    `compile_timeout_epochs` epochs after germination culls the seed, and training went on meanwhile."""
+    release = threading.Event()
+    h = Harness(tmp_path, on_compile_start=lambda request: release.wait(60), await_compiles=False,
+                compile_timeout_epochs=2)
+    try:
+        _warm(h, 1)
+        assert h.germinate(_good(h))
+        h.run_epoch()
+        assert h.state() == S.GERMINATED  # one epoch in: still waiting, not yet timed out
+        h.run_epoch()
+        assert h.state() == S.CULLED
+        assert "kernel not ready after 2 epochs" in h.m.kasmina.seeds["1"].life.history[-1].reason
+    finally:
+        release.set()
+        h.close()

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from cambium.core.checkpoint import latest_checkpoint, load_checkpoint
 from cambium.core.config import load
 from cambium.core.metrics import read_metrics
 from cambium.core.runs import get_run, list_runs
+from cambium.core.testing import check_exact_resume
 from cambium.morph.config import CONFIG_MODEL
 from cambium.morph.train import host_schedule, train
+
+from ._harness import assert_same_state
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _cfg(tmp_path, *extra):
@@ -51,11 +57,8 @@ def test_resume_gives_the_numbers_of_an_uninterrupted_run(tmp_path, schedule):
         run_dir = get_run(tmp_path / side / "runs", full["run_id"] if side == "a" else part["run_id"]).dir
         ck[side] = load_checkpoint(latest_checkpoint(run_dir / "checkpoints"))
     assert ck["a"].step == ck["b"].step
-    ma, mb = ck["a"].states["model"], ck["b"].states["model"]
-    assert ma.keys() == mb.keys()
-    for k in ma:
-        assert torch.equal(ma[k], mb[k]), k
-    assert ck["a"].data_cursor["kasmina"]["seeds"] == ck["b"].data_cursor["kasmina"]["seeds"]
+    assert_same_state(ck["a"].states["model"], ck["b"].states["model"], "model")  # slots' extra state included
+    assert_same_state(ck["a"].states["seeds"], ck["b"].states["seeds"], "seeds")  # the seed manager, snapshot included
     oa, ob = ck["a"].states["optimizer"], ck["b"].states["optimizer"]
     assert [g["lr"] for g in oa["param_groups"]] == [g["lr"] for g in ob["param_groups"]]
 
@@ -78,7 +81,7 @@ def test_cosine_schedule_ends_every_host_group_at_the_floor(tmp_path, morphogene
     rep = train(cfg, name="cos", runs_root=tmp_path / "runs")
     ck = load_checkpoint(latest_checkpoint(get_run(tmp_path / "runs", rep["run_id"]).dir / "checkpoints"))
     groups = ck.states["optimizer"]["param_groups"]
-    assert rep["steps"] == ck.step > 0
+    assert rep["steps"] == ck.data_cursor["task"]["step"] > 0 and ck.step == cfg.train.epochs
     for g in groups:  # the lr the next step would use: 0.1 × the group's base lr, fossilized seeds' groups included
         assert g["lr"] == pytest.approx(0.1 * g["initial_lr"]) and g["initial_lr"] == cfg.train.lr
 
@@ -89,7 +92,7 @@ def test_cli_train_static_baseline_and_report(tmp_path):
     from cambium.morph.cli import app
 
     runner = CliRunner()
-    args = ["train", "--config", "configs/morph/tiny.toml", "--root", str(tmp_path / "runs"), "--no-morphogenetic",
+    args = ["train", "--config", "configs/morph/tiny.toml", "--runs-dir", str(tmp_path / "runs"), "--no-morphogenetic",
             "--set", "train.epochs=1", "--set", "data.limit=128", "--set", f"library.root={tmp_path}/urza"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -97,5 +100,28 @@ def test_cli_train_static_baseline_and_report(tmp_path):
     assert record.name == "tiny-static"
     saved = json.loads((record.dir / "report.json").read_text())
     assert saved["morphogenetic"] is False and "seeds" not in saved
-    shown = runner.invoke(app, ["report", record.id, "--root", str(tmp_path / "runs")])
+    shown = runner.invoke(app, ["report", record.id, "--runs-dir", str(tmp_path / "runs")])
     assert shown.exit_code == 0 and f"run {record.id}" in shown.output
+    # A finished run is extended by --resume with a longer max_steps (its stored config, one key changed) ...
+    longer = runner.invoke(app, ["train", "--resume", record.id, "--runs-dir", str(tmp_path / "runs"),
+                                 "--set", "train.max_steps=2"])
+    assert longer.exit_code == 0, longer.output
+    assert json.loads((record.dir / "report.json").read_text())["epochs_done"] == 2
+    assert get_run(tmp_path / "runs", record.id).status == "finished"
+    # ... and a changed model is refused with the key named, leaving the run as it was.
+    wider = runner.invoke(app, ["train", "--resume", record.id, "--runs-dir", str(tmp_path / "runs"),
+                                "--set", "model.widths=[8, 8, 8]"])
+    assert wider.exit_code != 0 and "model.widths" in str(wider.exception)
+    assert get_run(tmp_path / "runs", record.id).status == "finished"
+
+
+def test_sigkill_at_an_epoch_and_in_a_checkpoint_resume_bitwise(tmp_path):
+    """The core loop's SIGKILL harness on the tiny config: killed after a random epoch and while writing a checkpoint,
+    resumed from the CLI, every metric row (accuracies, losses, parameters, seed states) equals the uninterrupted
+    run's bit for bit."""
+    runs = tmp_path / "runs"
+    command = [sys.executable, "-m", "cambium.cli", "morph", "train", "--config", str(REPO / "configs/morph/tiny.toml"),
+               "--runs-dir", str(runs), "--set", f"library.root={tmp_path}/urza", "--set", "train.threads=1"]
+    report = check_exact_resume(command, runs_root=runs, n_steps=6, seed=11, cwd=REPO, timeout_s=300)
+    assert report.ok, report.summary()
+    assert report.reference.rows > 6 * 5

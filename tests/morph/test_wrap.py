@@ -137,7 +137,7 @@ def test_training_seed_changes_no_host_gradient():
 def test_transformer_stack_grows_through_the_lifecycle(tmp_path):
     """The full loop on a block stack: token-layout blueprints are chosen, compiled, trained and grafted."""
     from cambium.morph.config import LibraryConfig, LifecycleConfig, MorphConfig, PolicyConfig
-    from cambium.morph.tolaria import Tolaria, assemble
+    from cambium.morph.loop import Tolaria, assemble
 
     host = _stack()
     cfg = MorphConfig(

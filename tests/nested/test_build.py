@@ -59,7 +59,8 @@ def test_checkpoint_holds_the_context_memory_and_the_stream_cursor(built: tuple[
     path = latest_checkpoint(runs / run_id / "checkpoints")
     assert path is not None
     ckpt = load_checkpoint(path)
-    assert ckpt.data_cursor["stream"]["consumed"] == 24 * 64 and ckpt.data_cursor["stream"]["lanes"] == 4
+    stream = ckpt.data_cursor["task"]["stream"]
+    assert stream["consumed"] == 24 * 64 and stream["lanes"] == 4
     memory = ContextMemory(2)
     memory.load_state_dict(ckpt.states["context_memory"])
     for state in memory.states:

@@ -23,7 +23,6 @@ def test_documented_defaults() -> None:
     assert (cfg.scorer.w_30s, cfg.scorer.w_2m, cfg.scorer.w_5m, cfg.scorer.utility_cap_bps,
             cfg.scorer.toxic_penalty) == (0.2, 0.5, 0.3, 50.0, 0.5)
     assert cfg.ranker.top_k == 20 and cfg.ranker.enter_threshold > cfg.ranker.exit_threshold
-    assert cfg.explain.llm_enabled is False
     assert not (cfg.notify.terminal.enabled or cfg.notify.webhook.enabled or cfg.notify.telegram.enabled)
     assert cfg.model.artifacts_dir is None
 
@@ -50,13 +49,23 @@ def test_every_field_is_described() -> None:
     ("notify.telegram.events=[\"SYMBOL_WOBBLE\"]", r"notify.telegram.events.0"),
     ("storage.rotate_rows=10", r"rotate_rows=10 must be >= batch_rows=1000"),
     ("ranker.top_kk=3", r"did you mean 'top_k'"),
-    ("explain.llm_url=ftp://host/x", r"must be an http:// or https:// URL"),
+    # No command explains its events yet: an explain table is refused, not accepted and ignored.
+    ("explain.llm_enabled=true", r"'explain' is not built yet \(no screener command explains its events"),
+    ("storage.root=/tmp/x", r"unknown key 'storage.root'"),  # where the store goes is the command's --store
+    ("features.stale_ms=5000", r"unknown key 'features.stale_ms'"),  # staleness is status.max_stale_*_ms
 ])
 def test_bad_values_are_named(override: str, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load(DEFAULT, CONFIG_MODEL, [override])
 
 
+def test_an_explain_table_in_a_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "old.toml"
+    path.write_text(DEFAULT.read_text() + "\n[explain]\nllm_enabled = true\n")
+    with pytest.raises(ConfigError, match=r"old.toml: explain: not built yet \(no screener command"):
+        load(path, CONFIG_MODEL)
+
+
 def test_overrides_apply() -> None:
-    cfg = load_data({}, CONFIG_MODEL, ["ranker.top_k=5", "explain.llm_enabled=true"])
-    assert cfg.ranker.top_k == 5 and cfg.explain.llm_enabled
+    cfg = load_data({}, CONFIG_MODEL, ["ranker.top_k=5", "notify.terminal.enabled=true"])
+    assert cfg.ranker.top_k == 5 and cfg.notify.terminal.enabled

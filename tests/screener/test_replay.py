@@ -6,12 +6,14 @@ import gzip
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from cambium.core.config import load
 from cambium.screener.cli import app
 from cambium.screener.config import ScreenerConfig
 from cambium.screener.replay import replay
+from cambium.screener.storage import read_features, read_rank_events
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "screener" / "sample-replay.toml"
@@ -47,3 +49,24 @@ def test_malformed_and_out_of_order_frames_are_counted_never_fatal(tmp_path: Pat
     result = replay([path], load(CONFIG, ScreenerConfig))
     assert result.stats.malformed == 3 and result.stats.skipped_lines == [503]
     assert result.stats.events == 20_000 and result.snapshots > 0
+
+
+def test_the_demo_stores_its_replay_under_runs_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`screener demo --runs-dir` receives the replay's Parquet rows and digest, replacing an earlier demo's store.
+
+    The live half is stubbed out here; test_live.py runs it against the local replay server."""
+    import cambium.screener.cli as cli
+
+    monkeypatch.setattr(cli, "run_with_status", lambda *args, **kwargs: {"top": []})
+    monkeypatch.chdir(REPO)
+    out = tmp_path / "screener_demo"
+    (out / "store" / "rank_events").mkdir(parents=True)
+    (out / "store" / "rank_events" / "part-000000.parquet").write_text("left by an earlier demo")
+    result = CliRunner().invoke(app, ["demo", "--runs-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    want = json.loads(EXPECTED.read_text())
+    got = json.loads((out / "replay.json").read_text())
+    assert (got["digest"], got["rank_events"], got["snapshots"]) == (want["digest"], want["rank_events"],
+                                                                    want["snapshots"])
+    assert len(read_rank_events(out / "store")) == want["rank_events"]
+    assert len(read_features(out / "store")) == want["snapshots"]

@@ -40,7 +40,7 @@ def test_tshirt_sizes_have_the_origin_shapes_and_are_aligned(name, recwarn):
 def test_tiny_loads_with_an_alignment_warning():
     with pytest.warns(AlignmentWarning, match="head_dim = d_model\\*expand/n_heads = 64"):
         cfg = load(CONFIGS / "tiny.toml", CONFIG_MODEL)
-    assert cfg.size == "tiny" and cfg.device == "cpu"
+    assert cfg.size == "tiny" and cfg.pipeline.device == "cpu"
 
 
 @pytest.mark.parametrize("name", ["m", "l", "xl"])

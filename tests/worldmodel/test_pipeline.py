@@ -16,8 +16,9 @@ from cambium.core.errors import ConfigError, RunError
 from cambium.core.metrics import read_metrics
 from cambium.core.runs import get_run
 from cambium.core.testing import check_exact_resume
+from cambium.worldmodel.artifacts import RunArtifacts
 from cambium.worldmodel.config import CONFIG_MODEL
-from cambium.worldmodel.pipeline import RunArtifacts, phase_steps, run_pipeline
+from cambium.worldmodel.pipeline import phase_steps, run_pipeline
 from cambium.worldmodel.report import format_probe_table
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,3 +147,25 @@ def test_bad_config_values_name_the_dotted_path() -> None:
         micro_cfg("evaluation.ridge_alphas=[-1.0]")
     with pytest.raises(ConfigError, match=r"data\.interval"):
         micro_cfg('data.interval="7h"')
+
+
+def test_resume_raises_strate2_steps_of_a_finished_run_and_refuses_a_changed_model(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    run_dir = tmp_path / "runs"
+    result = run_pipeline(micro_cfg(), run_dir, show_progress=False)
+    with pytest.raises(ConfigError, match=r"jepa\.encoder\.d_model"):
+        run_pipeline(micro_cfg("jepa.encoder.d_model=32"), run_dir, resume=result.run_id, show_progress=False)
+    assert get_run(run_dir, result.run_id).status == "finished"
+    before = [(r.step, r.name, r.value) for r in read_metrics(run_dir / result.run_id / "metrics.duckdb")]
+    longer = micro_cfg("train_jepa.steps=10")
+    again = run_pipeline(longer, run_dir, resume=result.run_id, show_progress=False)
+    assert again.phases_done == [1, 2, 3, 4, 5]
+    rows = read_metrics(run_dir / result.run_id / "metrics.duckdb")
+    steps = phase_steps(longer)
+    assert [r.step for r in rows if r.name == "jepa/loss"] == list(range(steps[4][0], steps[4][1] + 1))
+    assert [r.step for r in rows if r.name == "probe/latent/r2"] == [steps[5][0]]
+    # Phases 1-3 were not redone, and the first 8 Strate II steps are the finished run's own rows.
+    kept = [(s, n, v) for s, n, v in before if s < steps[4][0] + 8 and not n.startswith(("perf/", "jepa/holdout"))]
+    assert [(r.step, r.name, r.value) for r in rows if r.step < steps[4][0] + 8
+            and not r.name.startswith(("perf/", "jepa/holdout"))] == kept
+    assert get_run(run_dir, result.run_id).status == "finished"

@@ -25,12 +25,12 @@ from cambium.core.runs import get_run, list_runs
 __all__ = ["runs_app"]
 
 runs_app = typer.Typer(
-    help="List, inspect and compare runs (the directories under --root and their registry experiments.sqlite).",
+    help="List, inspect and compare runs (the directories under --runs-dir and their registry experiments.sqlite).",
     no_args_is_help=True,
     add_completion=False,
 )
 
-RootOption = Annotated[Path, typer.Option("--root", help="runs directory holding experiments.sqlite and one "
+RootOption = Annotated[Path, typer.Option("--runs-dir", help="runs directory holding experiments.sqlite and one "
                                           "directory per run")]
 _STATUS_STYLE = {"running": "cyan", "finished": "green", "failed": "red", "killed": "yellow"}
 _PREFERRED = ("loss", "val_loss", "val.bpb", "lr", "grad_norm")

@@ -21,22 +21,35 @@ import types
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from cambium.core.errors import ConfigError
 
-__all__ = ["ConfigModel", "fingerprint", "load", "load_data", "parse_overrides", "to_toml", "validate"]
+__all__ = [
+    "RESUME_SAFE", "ConfigModel", "changed_keys", "fingerprint", "is_resume_safe", "load", "load_data",
+    "parse_overrides", "resume_fingerprint", "to_toml", "validate",
+]
+
+# Marks a field that a resumed run may change (`Field(..., json_schema_extra=RESUME_SAFE)`): how long to train,
+# how often to log, evaluate and checkpoint, where to run. Every other key is part of what a checkpoint was made of.
+RESUME_SAFE: dict[str, Any] = {"resume_safe": True}
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigModel(BaseModel):
-    """Base of every config model: frozen, strict, unknown keys rejected."""
+    """Base of every config model: frozen, strict, unknown keys rejected.
+
+    `unbuilt` maps the keys of planned features that do not exist yet to what will build them: a file or an override
+    that sets one is refused with "not built yet", where an unknown key would only be called unknown (and a field
+    kept for later would be accepted and ignored).
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    unbuilt: ClassVar[Mapping[str, str]] = {}
 
 
 def load(path: str | Path, model: type[M], overrides: Sequence[str] = ()) -> M:
@@ -102,11 +115,60 @@ def fingerprint(cfg: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def changed_keys(old: BaseModel, new: BaseModel) -> list[str]:
+    """Dotted paths of the leaf values that differ between two configs of the same model."""
+    out: list[str] = []
+    _diff(old.model_dump(mode="json"), new.model_dump(mode="json"), [], out)
+    return out
+
+
+def is_resume_safe(model: type[BaseModel], dotted: str) -> bool:
+    """True if the field at `dotted` (or a table above it) is marked RESUME_SAFE."""
+    current: type[BaseModel] | None = model
+    for part in dotted.split("."):
+        if current is None or part not in current.model_fields:
+            return False
+        field = current.model_fields[part]
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume_safe"):
+            return True
+        current = _model_in(field.annotation)
+    return False
+
+
+def resume_fingerprint(cfg: BaseModel) -> str:
+    """The fingerprint of everything a resumed run may not change: the config without its RESUME_SAFE fields."""
+    data = cfg.model_dump(mode="json")
+    _drop_safe(type(cfg), data)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _diff(old: Any, new: Any, path: list[str], out: list[str]) -> None:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            _diff(old.get(key), new.get(key), [*path, key], out)
+    elif old != new:
+        out.append(".".join(path))
+
+
+def _drop_safe(model: type[BaseModel], data: dict[str, Any]) -> None:
+    for name, field in model.model_fields.items():
+        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume_safe"):
+            data.pop(name, None)
+            continue
+        sub = _model_in(field.annotation)
+        if sub is not None and isinstance(data.get(name), dict):
+            _drop_safe(sub, data[name])
+
+
 def _describe(err: Any, model: type[BaseModel]) -> str:
     loc = [str(p) for p in err["loc"]]
     dotted = ".".join(loc) or "<root>"
     kind = err["type"]
     if kind == "extra_forbidden":
+        reason = _unbuilt(_model_at(model, loc[:-1]), loc[-1])
+        if reason is not None:
+            return f"{dotted}: not built yet ({reason}); remove it"
         known = _known_keys(model, loc[:-1])
         close = difflib.get_close_matches(loc[-1], known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -179,6 +241,9 @@ def _annotation_at(model: type[BaseModel], path: list[str]) -> Any:
             return None
         fields = current.model_fields
         if part not in fields:
+            reason = _unbuilt(current, part)
+            if reason is not None:
+                raise ConfigError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])!r} is not built yet ({reason})")
             close = difflib.get_close_matches(part, list(fields), n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(
@@ -207,12 +272,25 @@ def _takes_text(annotation: Any) -> bool:
     return True
 
 
-def _known_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+def _model_at(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The model of the table at `loc` (None: not a table, or inside a list)."""
     current: type[BaseModel] | None = model
     for part in loc:
         if current is None or part not in current.model_fields:
-            return []
+            return None
         current = _model_in(current.model_fields[part].annotation)
+    return current
+
+
+def _unbuilt(model: type[BaseModel] | None, key: str) -> str | None:
+    """What will build `key` if it is a planned key of `model` (see `ConfigModel.unbuilt`), else None."""
+    if model is None or not issubclass(model, ConfigModel):
+        return None
+    return model.unbuilt.get(key)
+
+
+def _known_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    current = _model_at(model, loc)
     return list(current.model_fields) if current is not None else []
 
 

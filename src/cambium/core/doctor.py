@@ -16,7 +16,6 @@ import importlib.metadata
 import importlib.util
 import json
 import math
-import os
 import platform
 import shutil
 import socket
@@ -31,6 +30,7 @@ import torch
 import typer
 
 from cambium.core.errors import DeviceError, RunError
+from cambium.core.files import atomic_write
 
 __all__ = [
     "PEAKS_FILE",
@@ -179,13 +179,6 @@ def _read_peaks(path: Path) -> dict[str, Any]:
     return data
 
 
-def _write_peaks(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
-
-
 def load_or_measure_peak(
     runs_dir: str | Path,
     device: str | torch.device = "cpu",
@@ -215,7 +208,7 @@ def load_or_measure_peak(
             "facts": machine_facts(dev),
         }
         data[fingerprint] = record
-        _write_peaks(path, data)
+        atomic_write(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
     try:
         return DevicePeak(fingerprint=fingerprint, **{k: record[k] for k in (
             "device", "matmul_gflops", "matmul_n", "bandwidth_gbs", "measured_at", "facts")})

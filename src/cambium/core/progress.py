@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -35,7 +37,17 @@ from rich.progress import (
 )
 from rich.text import Text
 
-__all__ = ["JsonFormatter", "ProgressHandle", "get_logger", "progress", "setup_logging"]
+__all__ = [
+    "ENV_HOLD_CHECKPOINT", "ENV_HOLD_STEP", "ENV_PROGRESS", "JsonFormatter", "ProgressHandle", "ProgressReporter",
+    "get_logger", "progress", "setup_logging",
+]
+
+# The exact-resume harness (cambium.core.testing) drives a trainer through these variables; only a CLI entry point
+# reads them (ProgressReporter.from_env), the library takes a reporter as an argument.
+ENV_PROGRESS = "CAMBIUM_TEST_PROGRESS"
+ENV_HOLD_STEP = "CAMBIUM_TEST_HOLD_STEP"
+ENV_HOLD_CHECKPOINT = "CAMBIUM_TEST_HOLD_CHECKPOINT"
+_HOLD_SECONDS = 120.0
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and goes into the JSON line.
 _RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -263,3 +275,54 @@ def progress(
         emit_json(handle, True)
         raise
     emit_json(handle, True)
+
+
+class ProgressReporter:
+    """The trainer's side of the exact-resume protocol (see cambium.core.testing): run, resumed, step and checkpoint
+    events appended to a file, and optional holds where the harness kills the process. With no progress file every
+    method does nothing and costs nothing."""
+
+    def __init__(self, path: str | Path | None, *, hold_step: int | None = None,
+                 hold_checkpoint: int | None = None) -> None:
+        self.path = Path(path) if path else None
+        self.hold_step = hold_step
+        self.hold_checkpoint = hold_checkpoint
+        self._held_checkpoint = False
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ProgressReporter:
+        env = os.environ if environ is None else environ
+        hold_step = env.get(ENV_HOLD_STEP)
+        hold_ckpt = env.get(ENV_HOLD_CHECKPOINT)
+        return cls(env.get(ENV_PROGRESS) or None, hold_step=int(hold_step) if hold_step else None,
+                   hold_checkpoint=int(hold_ckpt) if hold_ckpt else None)
+
+    def run_started(self, run_id: str) -> None:
+        self._emit(f"run {run_id}")
+
+    def resumed(self, step: int) -> None:
+        self._emit(f"resumed {step}")
+
+    def step_done(self, step: int) -> None:
+        self._emit(f"step {step}")
+        if self.hold_step is not None and step == self.hold_step:
+            time.sleep(_HOLD_SECONDS)
+
+    def checkpoint_file_callback(self, step: int) -> Callable[[Path], None]:
+        """An `on_file_written` callback for `save_checkpoint` of `step`."""
+
+        def written(path: Path) -> None:
+            self._emit(f"ckpt-file {step} {path}")
+            if self.hold_checkpoint is not None and step >= self.hold_checkpoint and not self._held_checkpoint:
+                self._held_checkpoint = True
+                time.sleep(_HOLD_SECONDS)
+
+        return written
+
+    def checkpoint_saved(self, step: int) -> None:
+        self._emit(f"ckpt-saved {step}")
+
+    def _emit(self, line: str) -> None:
+        if self.path is not None:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(line + "\n")

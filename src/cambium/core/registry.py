@@ -69,7 +69,7 @@ class SQLiteRegistry(RunRegistry):
 
     _COLUMNS = ("id", "system", "name", "status", "created", "updated", "fingerprint", "dir", "summary", "host",
                 "pid", "pid_started")
-    _UPDATABLE = frozenset({"status", "updated", "summary", "host", "pid", "pid_started"})
+    _UPDATABLE = frozenset({"status", "updated", "fingerprint", "summary", "host", "pid", "pid_started"})
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)

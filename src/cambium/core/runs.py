@@ -27,7 +27,7 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,7 +41,7 @@ from pydantic import BaseModel
 
 from cambium.core.config import fingerprint, to_toml
 from cambium.core.errors import DataError, RunError
-from cambium.core.files import file_sha256
+from cambium.core.files import atomic_write, file_sha256
 from cambium.core.registry import RunRecord, RunRegistry, SQLiteRegistry
 
 __all__ = [
@@ -54,6 +54,8 @@ __all__ = [
     "list_runs",
     "new_run_id",
     "open_run",
+    "run_handle",
+    "update_config",
 ]
 
 REGISTRY_FILE = "experiments.sqlite"
@@ -158,7 +160,7 @@ def create_run(
     assert run_id is not None
     now = _now()
     proc = _process_identity()
-    _write_text(run_dir / "config.toml", config_toml)
+    atomic_write(run_dir / "config.toml", config_toml)
     provenance = {
         "run_id": run_id,
         "system": system,
@@ -175,7 +177,7 @@ def create_run(
         "data_files": data,
         "resumes": [],
     }
-    _write_text(run_dir / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    atomic_write(run_dir / "provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     try:
         registry.insert(RunRecord(id=run_id, system=system, name=name, status="running", created=now, updated=now,
                                   fingerprint=config_fp, dir=run_dir.resolve(), **proc))
@@ -216,10 +218,35 @@ def open_run(root: str | Path, run_id: str, *, config: BaseModel | None = None,
     provenance.setdefault("resumes", []).append(
         {"time": now, "host": proc["host"], "pid": proc["pid"], "command": list(sys.argv), "git": _git_state()}
     )
-    _write_text(prov_path, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    atomic_write(prov_path, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     registry.update(record.id, status="running", updated=now, **proc)
     return Run(id=record.id, dir=record.dir, root=root, system=record.system, name=record.name,
                seed=int(provenance.get("seed", 0)), registry=registry)
+
+
+def update_config(run: Run, config: BaseModel, changed: Sequence[str]) -> None:
+    """Record a resumed run's changed config: config.toml rewritten, the fingerprint updated in the registry, and the
+    changed keys noted in the provenance's last resume entry."""
+    atomic_write(run.config_path, to_toml(config))
+    try:
+        provenance = json.loads(run.provenance_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot read {run.provenance_path}: {exc}") from None
+    if provenance.get("resumes"):
+        provenance["resumes"][-1]["changed"] = list(changed)
+    provenance["config_fingerprint"] = fingerprint(config)
+    atomic_write(run.provenance_path, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    run.registry.update(run.id, fingerprint=fingerprint(config), updated=_now())
+
+
+def run_handle(root: str | Path, run_id: str, *, registry: RunRegistry | None = None) -> Run:
+    """A handle on an existing run that changes nothing in it (the view of a rank other than 0 in a data-parallel
+    run: it reads the run's directory and never writes the registry)."""
+    root = Path(root)
+    registry = registry or _default_registry(root)
+    record = _locate(root, _resolve(registry, root, run_id))
+    return Run(id=record.id, dir=record.dir, root=root, system=record.system, name=record.name, seed=0,
+               registry=registry)
 
 
 def finish_run(root: str | Path, run_id: str, status: str = "finished", summary: Mapping[str, Any] | None = None,
@@ -310,13 +337,6 @@ def _check_id(run_id: str) -> None:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write through a temporary file and rename so a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _describe_file(path: Path) -> dict[str, Any]:

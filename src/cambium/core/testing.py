@@ -10,8 +10,8 @@ and compares the metric rows (step, tokens_or_events, name, value; not wall_time
 bits included (a NaN equals the same NaN). Metrics named `perf/...` (throughput, MFU, step time: wall-clock figures no
 rerun reproduces) are not compared; trainers put every timing-derived metric under that prefix.
 
-The trainer speaks a small protocol, driven by environment variables the harness sets (read them at the trainer's
-entry point with `ProgressReporter.from_env()`; nothing in the library looks at them):
+The trainer speaks a small protocol, driven by environment variables the harness sets (read at
+the trainer's entry point with `cambium.core.progress.ProgressReporter.from_env()`; nothing else looks at them):
 
     CAMBIUM_TEST_PROGRESS=<file>        append one line per event: "run <id>", "resumed <step>", "step <n>",
                                         "ckpt-file <step> <path>", "ckpt-saved <step>"
@@ -38,6 +38,7 @@ from typing import Any, TypeVar
 
 from cambium.core.errors import CambiumError
 from cambium.core.metrics import read_metrics
+from cambium.core.progress import ENV_HOLD_CHECKPOINT, ENV_HOLD_STEP, ENV_PROGRESS
 
 __all__ = [
     "ENV_HOLD_CHECKPOINT",
@@ -45,7 +46,6 @@ __all__ = [
     "ENV_PROGRESS",
     "PERF_PREFIX",
     "SCENARIOS",
-    "ProgressReporter",
     "ResumeReport",
     "ResumeTestError",
     "ScenarioReport",
@@ -55,10 +55,6 @@ __all__ = [
 ]
 
 PERF_PREFIX = "perf/"
-ENV_PROGRESS = "CAMBIUM_TEST_PROGRESS"
-ENV_HOLD_STEP = "CAMBIUM_TEST_HOLD_STEP"
-ENV_HOLD_CHECKPOINT = "CAMBIUM_TEST_HOLD_CHECKPOINT"
-_HOLD_SECONDS = 120.0
 SCENARIOS = ("kill-at-step", "kill-in-checkpoint")
 
 KeyRow = tuple[int, int, str, bytes]
@@ -67,55 +63,6 @@ T = TypeVar("T")
 
 class ResumeTestError(CambiumError):
     """The trainer did not follow the harness protocol (exited early, never reached the kill point, failed)."""
-
-
-class ProgressReporter:
-    """The trainer's side of the protocol. With no progress file every method does nothing and costs nothing."""
-
-    def __init__(self, path: str | Path | None, *, hold_step: int | None = None,
-                 hold_checkpoint: int | None = None) -> None:
-        self.path = Path(path) if path else None
-        self.hold_step = hold_step
-        self.hold_checkpoint = hold_checkpoint
-        self._held_checkpoint = False
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> ProgressReporter:
-        env = os.environ if environ is None else environ
-        hold_step = env.get(ENV_HOLD_STEP)
-        hold_ckpt = env.get(ENV_HOLD_CHECKPOINT)
-        return cls(env.get(ENV_PROGRESS) or None, hold_step=int(hold_step) if hold_step else None,
-                   hold_checkpoint=int(hold_ckpt) if hold_ckpt else None)
-
-    def run_started(self, run_id: str) -> None:
-        self._emit(f"run {run_id}")
-
-    def resumed(self, step: int) -> None:
-        self._emit(f"resumed {step}")
-
-    def step_done(self, step: int) -> None:
-        self._emit(f"step {step}")
-        if self.hold_step is not None and step == self.hold_step:
-            time.sleep(_HOLD_SECONDS)
-
-    def checkpoint_file_callback(self, step: int) -> Callable[[Path], None]:
-        """An `on_file_written` callback for `save_checkpoint` of `step`."""
-
-        def written(path: Path) -> None:
-            self._emit(f"ckpt-file {step} {path}")
-            if self.hold_checkpoint is not None and step >= self.hold_checkpoint and not self._held_checkpoint:
-                self._held_checkpoint = True
-                time.sleep(_HOLD_SECONDS)
-
-        return written
-
-    def checkpoint_saved(self, step: int) -> None:
-        self._emit(f"ckpt-saved {step}")
-
-    def _emit(self, line: str) -> None:
-        if self.path is not None:
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(line + "\n")
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Config of the market data layer: candle store, REST downloader, websocket connector, recorder.
+"""Config of the market data layer: candle store, REST downloader, websocket connector.
 
 Defaults are Binance's real endpoints and documented limits (see shared/data/market/BINANCE_LIMITS.md); every URL is
 configurable so tests and the replay demo point at 127.0.0.1.
@@ -6,14 +6,12 @@ configurable so tests and the replay demo point at 127.0.0.1.
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import Field, model_validator
 
 from cambium.core.config import ConfigModel
 from cambium.market.limits import HARD_STREAM_CAP
 
-__all__ = ["CONFIG_MODEL", "MarketConfig", "RecorderConfig", "RestConfig", "StoreConfig", "WsConfig"]
+__all__ = ["CONFIG_MODEL", "MarketConfig", "RestConfig", "StoreConfig", "WsConfig"]
 
 
 class StoreConfig(ConfigModel):
@@ -84,18 +82,12 @@ class WsConfig(ConfigModel):
         return self
 
 
-class RecorderConfig(ConfigModel):
-    root: str = Field("data/recordings", description="Directory recordings are written under.")
-    compression: Literal["gzip"] = Field("gzip", description="Compression of the hourly JSONL files.")
-
-
 class MarketConfig(ConfigModel):
     """Root config of cambium.market."""
 
     store: StoreConfig = Field(default_factory=StoreConfig, description="Parquet candle store.")
     rest: RestConfig = Field(default_factory=RestConfig, description="REST client and downloader.")
     ws: WsConfig = Field(default_factory=WsConfig, description="Websocket connector.")
-    recorder: RecorderConfig = Field(default_factory=RecorderConfig, description="Recorder of raw frames.")
 
 
 CONFIG_MODEL = MarketConfig

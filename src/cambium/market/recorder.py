@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from cambium.core.errors import DataError
+from cambium.core.files import atomic_write
 
 __all__ = ["MANIFEST", "Record", "Recorder", "read_manifest", "read_recording", "recover", "replay"]
 
@@ -137,9 +138,7 @@ class Recorder:
             "frames": sum(f["frames"] for f in self.files),
             "files": self.files,
         }
-        tmp = self.root / f".{MANIFEST}.tmp"
-        tmp.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-        os.replace(tmp, self.root / MANIFEST)
+        atomic_write(self.root / MANIFEST, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
     def flush(self) -> None:
         """Push everything written so far to disk in a form `recover` can read back after a crash."""
@@ -191,9 +190,7 @@ def recover(root: str | Path) -> int:
         recovered += len(records)
     doc["files"].sort(key=lambda f: f["first_recv_ns"])
     doc["frames"] = sum(f["frames"] for f in doc["files"])
-    tmp_manifest = root / f".{MANIFEST}.tmp"
-    tmp_manifest.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2))
-    os.replace(tmp_manifest, root / MANIFEST)
+    atomic_write(root / MANIFEST, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return recovered
 
 

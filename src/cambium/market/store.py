@@ -10,7 +10,6 @@ pages that produced them. Read it back with `CandleStore.read`, or with any Parq
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from cambium.core.errors import DataError
+from cambium.core.files import atomic_write
 from cambium.market.candles import CANDLE_SCHEMA, GapReport, fill_gaps, find_gaps, interval_ms, validate_candles
 
 __all__ = ["CandleStore", "PartitionInfo"]
@@ -67,12 +67,7 @@ class CandleStore:
         if merge and path.exists():
             table = _merge(self._read_file(path), table)
         validate_candles(table, interval, f"{path} (to be written)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{FILE_NAME}.{os.getpid()}.tmp")
-        pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd", row_group_size=1 << 20))
         return self._info(interval, symbol.upper(), table, path)
 
     def _read_file(self, path: Path) -> pa.Table:

@@ -7,11 +7,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from cambium.core import cli_options as options
 from cambium.core.config import load
 from cambium.core.errors import ConfigError
 from cambium.core.metrics import latest_values
+from cambium.core.progress import ProgressReporter
 from cambium.core.runs import get_run
-from cambium.core.testing import ProgressReporter
 from cambium.data.mixture import prepare_mixture
 from cambium.moe.config import MoEConfig
 
@@ -19,8 +20,8 @@ app = typer.Typer(help="DeepSeek-shaped mixture-of-experts language models: data
                   no_args_is_help=True)
 
 CONFIG = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/moe/tiny.toml.")
-SET = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable).")
-RUNS = typer.Option(Path("runs"), "--runs-dir", help="Directory of the run registry.")
+SET = options.SET
+RUNS = options.RUNS_DIR
 
 
 @app.command("prep-mixture")
@@ -38,20 +39,23 @@ def prep_mixture(config: Path = CONFIG, set_: list[str] = SET) -> None:
 
 @app.command("train")
 def train_command(
-    config: Path = CONFIG,
+    config: Path | None = options.CONFIG,
     set_: list[str] = SET,
     runs_dir: Path = RUNS,
-    resume: str | None = typer.Option(None, help="Continue this run (id or unique prefix) from its last checkpoint."),
+    resume: str | None = options.RESUME,
+    device: str | None = options.DEVICE,
     prep: bool = typer.Option(True, help="Prepare the data mixture first if it is missing."),
 ) -> None:
     """Train a model (a new run, or --resume an existing one exactly where its last checkpoint left it)."""
+    from cambium.core.loop import load_run_config
     from cambium.moe.train import train
 
-    cfg = load(config, MoEConfig, set_)
+    cfg = load_run_config(MoEConfig, runs_dir, config=config, resume=resume,
+                          overrides=set_, device=device, section="train")
     if prep and not (cfg.data.mixture.out_dir / "mixture.json").exists():
         prepare_mixture(cfg.data.mixture)
     result = train(cfg, runs_dir, resume=resume, reporter=ProgressReporter.from_env())
-    Console().print(f"run {result.run_id}: {result.steps} steps, {result.tokens:,} tokens; "
+    Console().print(f"run {result.run_id}: {result.steps} steps, {result.events:,} tokens; "
                     + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final.items())))
 
 

@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cambium.core.config import ConfigModel
+from cambium.core.config import RESUME_SAFE, ConfigModel
+from cambium.core.loop import LoopConfig
 from cambium.core.schedule import Schedule
 from cambium.data.mixture import MixtureSpec
 
@@ -102,17 +103,24 @@ class ModelConfig(ConfigModel):
     norm_eps: float = Field(1e-6, description="RMSNorm epsilon", gt=0)
     init_std: float = Field(0.02, description="std of the normal initialisation of weight matrices", gt=0)
     attention: AttentionConfig = Field(description="attention settings")
-    moe: MoELayerConfig = Field(description="mixture-of-experts settings")
+    moe: MoELayerConfig | None = Field(
+        None, description="mixture-of-experts settings (required when a layer is MoE, refused when all are dense)")
 
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.n_dense_layers > self.n_layers:
             raise ValueError(f"n_dense_layers={self.n_dense_layers} must be <= n_layers={self.n_layers}")
+        # An all-dense model has no MoE layer: a moe table would be accepted and ignored.
+        if self.n_dense_layers < self.n_layers and self.moe is None:
+            raise ValueError(f"layers {self.n_dense_layers}..{self.n_layers - 1} are MoE (n_dense_layers="
+                             f"{self.n_dense_layers} < n_layers={self.n_layers}): add the moe table")
+        if self.n_dense_layers == self.n_layers and self.moe is not None:
+            raise ValueError(f"every layer is dense (n_dense_layers = n_layers = {self.n_layers}), so nothing would "
+                             "read the moe table: remove it")
         a = self.attention
         if a.kind == "gqa" and a.head_dim is None and self.dim % a.n_heads:
             raise ValueError(f"dim={self.dim} must be divisible by attention.n_heads={a.n_heads} (or set head_dim)")
-        block = {"none": 1, "mxfp8": 32, "nvfp4": 16}[self.moe.lowp]
-        if self.dim % block:
+        if self.moe is not None and self.dim % (block := {"none": 1, "mxfp8": 32, "nvfp4": 16}[self.moe.lowp]):
             raise ValueError(f"dim={self.dim} must be a multiple of {block} for moe.lowp={self.moe.lowp}")
         return self
 
@@ -151,21 +159,13 @@ class OptimConfig(ConfigModel):
     grad_clip: float | None = Field(1.0, description="clip the global gradient norm to this (None = no clipping)", gt=0)
 
 
-class TrainConfig(ConfigModel):
-    """The training loop: length, precision, evaluation, checkpoints."""
+class TrainConfig(LoopConfig):
+    """The training loop (`cambium.core.loop.LoopConfig`: seed, device, dtype, threads, length, intervals) and the
+    MoE diagnostics."""
 
-    seed: int = Field(0, description="seed of initialisation and data order", ge=0)
-    max_steps: int | None = Field(None, description="stop after this many steps even if the schedule goes on", ge=1)
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="autocast dtype of the forward pass (fp32 on CPU: bf16 is emulated there and slower)"
-    )
-    threads: int | None = Field(None, description="torch intra-op threads (None = torch's default)", ge=1)
-    log_every: int = Field(1, description="write step metrics every this many steps", ge=1)
-    expert_stats_every: int = Field(10, description="write per-expert loads and biases every this many steps", ge=1)
-    eval_every: int = Field(50, description="validation loss / bits-per-byte every this many steps", ge=1)
+    expert_stats_every: int = Field(10, description="write per-expert loads and biases every this many steps", ge=1,
+                                    json_schema_extra=RESUME_SAFE)
     eval_windows: int = Field(16, description="validation windows per dataset at each evaluation", ge=1)
-    checkpoint_every: int = Field(50, description="checkpoint every this many steps (and at the end)", ge=1)
-    keep_checkpoints: int = Field(2, description="how many recent checkpoints to keep", ge=1)
 
 
 class MoEConfig(ConfigModel):

@@ -43,7 +43,7 @@ class Block(nn.Module):
 
     def __init__(self, cfg: ModelConfig, dense: bool) -> None:
         super().__init__()
-        a, m = cfg.attention, cfg.moe
+        a = cfg.attention
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.attn: MLA | Attention
@@ -62,6 +62,8 @@ class Block(nn.Module):
         if dense:
             self.ffn = SwiGLU(cfg.dim, cfg.dense_hidden)
         else:
+            m = cfg.moe
+            assert m is not None  # the config requires it when a layer is MoE
             self.ffn = MoE(
                 cfg.dim, m.n_routed_experts, m.top_k, m.expert_hidden, n_shared_experts=m.n_shared_experts,
                 score_func=m.score_func, route_scale=m.route_scale, n_groups=m.n_groups, topk_groups=m.topk_groups,
@@ -144,16 +146,21 @@ class MoETransformer(nn.Module):
     def num_params(self, active: bool = False, embeddings: bool = True) -> int:
         """Parameter count; with `active`, routed experts count only top_k of n_routed_experts (per token);
         without `embeddings`, the input embedding and output head are left out (as model cards usually count)."""
-        m = self.cfg.moe
         total = 0
         for name, p in self.named_parameters():
             if not embeddings and self.param_kind(name) == "embedding":
                 continue
             n = p.numel()
             if active and self.param_kind(name) == "expert":
-                n = n * m.top_k // m.n_routed_experts
+                n = _active_share(self.cfg, n)
             total += n
         return total
+
+
+def _active_share(cfg: ModelConfig, n: int) -> int:
+    """Of `n` routed-expert parameters, those a token passes through: top_k of n_routed_experts."""
+    assert cfg.moe is not None  # expert parameters exist only in MoE layers
+    return n * cfg.moe.top_k // cfg.moe.n_routed_experts
 
 
 def flops_per_token(model: MoETransformer, seq_len: int) -> float:
@@ -170,7 +177,7 @@ def flops_per_token(model: MoETransformer, seq_len: int) -> float:
             continue
         n = p.numel()
         if model.param_kind(name) == "expert":
-            n = n * cfg.moe.top_k // cfg.moe.n_routed_experts
+            n = _active_share(cfg, n)
         matmul += n
     matmul += cfg.vocab_size * cfg.dim
     a = cfg.attention

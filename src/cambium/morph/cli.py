@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cambium.core import cli_options as options
 from cambium.core.config import load
 from cambium.core.runs import get_run
 from cambium.morph.config import CONFIG_MODEL
@@ -19,40 +20,42 @@ app = typer.Typer(help="Morphogenetic training: seeds grow into the host where i
 
 ConfigOpt = Annotated[Path, typer.Option("--config", help="TOML config (configs/morph/*.toml)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a config value: section.key=value")]
-RootOpt = Annotated[Path, typer.Option("--root", help="runs directory (run registry experiments.sqlite)")]
 
 
 @app.command("train")
 def train_command(
-    config: ConfigOpt = Path("configs/morph/cifar10-cpu.toml"),
-    overrides: SetOpt = None,
+    config: Path | None = options.CONFIG,
+    overrides: list[str] = options.SET,
     no_morphogenetic: Annotated[bool, typer.Option("--no-morphogenetic", help="train the host alone (baseline)")]
     = False,
-    resume: Annotated[str | None, typer.Option("--resume", help="run id (or unique prefix) to continue")] = None,
-    root: RootOpt = Path("runs"),
+    resume: str | None = options.RESUME,
+    device: str | None = options.DEVICE,
+    runs_dir: Path = options.RUNS_DIR,
 ) -> None:
     """Train the host CNN on CIFAR-10 with seeds (or without, for the baseline); prints the report summary."""
+    from cambium.core.loop import load_run_config
+    from cambium.core.progress import ProgressReporter
     from cambium.morph.train import train
 
-    sets = list(overrides or [])
+    sets = list(overrides)
     if no_morphogenetic:
         sets.append("train.morphogenetic=false")
+    if config is None and resume is None:
+        config = Path("configs/morph/cifar10-cpu.toml")
+    cfg = load_run_config(CONFIG_MODEL, runs_dir, config=config, resume=resume, overrides=sets, device=device)
     if resume is not None:
-        record = get_run(root, resume)
-        cfg = load(record.dir / "config.toml", CONFIG_MODEL)
-        report = train(cfg, name=record.name, runs_root=root, resume=record.id)
+        name = get_run(runs_dir, resume).name
     else:
-        cfg = load(config, CONFIG_MODEL, sets)
-        report = train(cfg, name=config.stem + ("-static" if no_morphogenetic else ""), runs_root=root)
-    _print_summary(report)
+        assert config is not None
+        name = config.stem + ("-static" if no_morphogenetic else "")
+    _print_summary(train(cfg, name=name, runs_root=runs_dir, resume=resume, reporter=ProgressReporter.from_env()))
 
 
 @app.command("compare")
 def compare_command(
     config: ConfigOpt = Path("configs/morph/cifar10-cpu.toml"),
     overrides: SetOpt = None,
-    runs_dir: Annotated[Path, typer.Option("--runs-dir", "--root", help="runs directory (run registry)")]
-    = Path("runs"),
+    runs_dir: Path = options.RUNS_DIR,
 ) -> None:
     """MOR-11: train morphogenetic, same-host static and larger static runs; write report.md and figures."""
     from cambium.morph.compare import compare, summarize
@@ -71,10 +74,10 @@ def compare_command(
 
 
 @app.command("report")
-def report_command(run: Annotated[str, typer.Argument(help="run id or unique prefix")], root: RootOpt = Path("runs")
-                   ) -> None:
+def report_command(run: Annotated[str, typer.Argument(help="run id or unique prefix")],
+                   runs_dir: Path = options.RUNS_DIR) -> None:
     """Accuracy, parameters and the seed timeline of a finished run."""
-    record = get_run(root, run)
+    record = get_run(runs_dir, run)
     path = record.dir / "report.json"
     if not path.is_file():
         typer.echo(f"run {record.id} has no report.json yet (still running or stopped early)")
@@ -99,6 +102,6 @@ def demo(runs_dir: Path = Path("runs")) -> None:
 
 
 @app.command("demo")
-def demo_command(root: RootOpt = Path("runs")) -> None:
+def demo_command(runs_dir: Path = options.RUNS_DIR) -> None:
     """A seconds-long morph run on 512 CIFAR-10 images (configs/morph/tiny.toml)."""
-    demo(root)
+    demo(runs_dir)

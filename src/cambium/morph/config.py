@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from cambium.core.config import ConfigModel
+from cambium.core.config import RESUME_SAFE, ConfigModel
+from cambium.core.loop import LoopConfig
 
 __all__ = [
     "CONFIG_MODEL",
@@ -106,14 +108,18 @@ class PolicyConfig(ConfigModel):
 
 
 class LibraryConfig(ConfigModel):
-    """Urza storage, Tezzeret compilation, Kasmina's kernel cache, Karn's limits (MOR-5)."""
+    """Urza storage, Tezzeret compilation and Kasmina's kernel cache (MOR-5)."""
+
+    unbuilt: ClassVar[Mapping[str, str]] = {
+        "max_params": "blueprint mutation during training (Karn in the loop), issue 21; `Karn(max_params=...)` takes "
+                      "the limit in the library",
+    }
 
     root: Path = Field(default=Path("runs/urza"), description="directory of the local artifact store")
     cache_bytes: int = Field(default=128 * 2**20, ge=0, description="Kasmina's LRU kernel cache budget in bytes")
     backend: Literal["eager", "codegen"] = Field(default="codegen", description="Tezzeret compile backend")
     benchmark_batch: int = Field(default=8, ge=1, description="batch size of Urabrask's latency measurement")
     benchmark_repeats: int = Field(default=5, ge=1, description="timed forwards per benchmark (median kept)")
-    max_params: int = Field(default=200_000, ge=1, description="Karn rejects mutants with more parameters")
 
 
 class DataConfig(ConfigModel):
@@ -135,10 +141,17 @@ class ModelConfig(ConfigModel):
     num_classes: int = Field(default=10, ge=2, description="classes")
 
 
-class TrainConfig(ConfigModel):
-    """Tolaria's loop."""
+class TrainConfig(LoopConfig):
+    """Tolaria's loop: `cambium.core.loop.LoopConfig` (one loop step is an epoch; checkpoints at epoch boundaries)
+    and the host's optimiser."""
 
-    epochs: int = Field(default=12, ge=1, description="epochs")
+    device: str = Field("cpu", description="'cpu': seed kernels and the background compiler are CPU code (CUDA for "
+                        "morph is not built yet)", json_schema_extra=RESUME_SAFE)
+    checkpoint_every: int = Field(1, ge=1, description="checkpoint every this many epochs (and at the end)",
+                                  json_schema_extra=RESUME_SAFE)
+    eval_every: int = Field(1, ge=1, description="validation loss every this many epochs (and at the end)",
+                            json_schema_extra=RESUME_SAFE)
+    epochs: int = Field(default=12, ge=1, description="epochs of the host's lr schedule (max_steps may run longer)")
     lr: float = Field(default=3e-3, gt=0.0, description="host AdamW learning rate")
     weight_decay: float = Field(default=0.0, ge=0.0, description="host AdamW weight decay")
     lr_schedule: Literal["constant", "cosine"] = Field(
@@ -146,8 +159,15 @@ class TrainConfig(ConfigModel):
         description="host lr over the run: constant, or a half cosine from lr to lr × lr_floor at the last step",
     )
     lr_floor: float = Field(default=0.0, ge=0.0, le=1.0, description="cosine: the final lr as a fraction of lr")
-    seed: int = Field(default=0, ge=0, description="RNG seed")
     morphogenetic: bool = Field(default=True, description="False runs the same host without seeds (baseline)")
+
+    @field_validator("device")
+    @classmethod
+    def _cpu_only(cls, value: str) -> str:
+        if value != "cpu":
+            raise ValueError(f"morph trains on the CPU only (seed kernels, telemetry and the background compiler are "
+                             f"CPU code); device={value!r} is not built yet, use 'cpu'")
+        return value
 
 
 class CompareConfig(ConfigModel):

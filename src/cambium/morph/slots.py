@@ -122,6 +122,17 @@ class SeedSlot(nn.Module):
         if self._calls % self.telemetry_every == 0:
             self.telemetry.record_backward(self.index, grad)
 
+    def get_extra_state(self) -> dict[str, Any]:
+        """The slot's state outside its kernel, so `MorphedModel.state_dict()` carries it: blend weight, activation
+        shape, and the training-forward count that decides which steps take telemetry (a resumed run must sample the
+        same steps as one never stopped)."""
+        return {"calls": self._calls, "alpha": self.alpha, "shape": list(self.shape)}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self._calls = int(state["calls"])
+        self.alpha = float(state["alpha"])
+        self.shape = tuple(state["shape"])
+
     def clear_capture(self) -> None:
         self.captured_x = None
         self.captured_grad = None

@@ -1,9 +1,11 @@
-"""A morph training run on CIFAR-10: Tolaria plus the run registry, metrics, checkpoints and a report.
+"""A morph training run on CIFAR-10: Tolaria as a `MorphTask` on `cambium.core.loop` (one loop step per epoch), and
+a report.
 
 `train(cfg, name=...)` creates `runs/<run_id>/` (config, provenance, metrics.duckdb, checkpoints/, report.json) and
 trains the host CNN for `train.epochs` epochs, morphogenetically unless `train.morphogenetic = false` (the same host,
-same data order, no seeds: the baseline). A checkpoint is written at every epoch boundary, after the lifecycle
-transitions; `train(..., resume=run_id)` continues from the latest one and gives the numbers of a run never stopped.
+same data order, no seeds: the baseline). A checkpoint is written at every `train.checkpoint_every` epoch boundaries
+(default: each), after the lifecycle transitions; `train(..., resume=run_id)` continues from the latest one and gives
+the numbers of a run never stopped. Metric rows are numbered by epoch; `steps` counts the optimiser steps.
 
 Data order: epoch e shuffles with a generator seeded (train.seed, e), so no data-loader state needs saving.
 The host learning rate follows `train.lr_schedule` through `cambium.core.schedule.LRScheduler`, moved to the step
@@ -22,19 +24,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from cambium.core.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from cambium.core.checkpoint import Checkpoint
 from cambium.core.errors import CheckpointError
-from cambium.core.metrics import MetricsWriter
-from cambium.core.progress import get_logger, progress
-from cambium.core.runs import Run, create_run, open_run
+from cambium.core.files import atomic_write
+from cambium.core.loop import Task, open_session
+from cambium.core.progress import ProgressReporter, get_logger
 from cambium.core.schedule import CosineSchedule, LRScheduler
 from cambium.data.images import load_cifar10, normalize
 from cambium.morph.config import MorphConfig, TrainConfig
 from cambium.morph.hosts import HostCNN
 from cambium.morph.lifecycle import ACTIVE
-from cambium.morph.tolaria import Morphogenesis, Tolaria, assemble
+from cambium.morph.loop import Morphogenesis, Tolaria, assemble
 
-__all__ = ["CifarSplits", "load_splits", "train"]
+__all__ = ["CifarSplits", "MorphTask", "load_splits", "train"]
 
 log = get_logger("cambium.morph.train")
 
@@ -84,141 +86,144 @@ def _param_count(m: Morphogenesis | None, host: nn.Module) -> int:
     return sum(p.numel() for p in m.kasmina.host_parameters())
 
 
+class MorphTask(Task):
+    """One epoch of the host (with its seeds, unless `train.morphogenetic` is off) for `cambium.core.loop`: the
+    loop's step is an epoch, its checkpoints the epoch boundaries after the lifecycle transitions."""
+
+    event_unit = "images"
+    progress_key = "train_loss"
+
+    def __init__(self, cfg: MorphConfig, splits: CifarSplits, name: str) -> None:
+        self.cfg, self.s = cfg, splits
+        self.label = f"morph {name}"
+        torch.manual_seed(cfg.train.seed)
+        self.host = HostCNN(cfg.model.widths, cfg.model.num_classes)
+        self.morph = assemble(self.host, cfg, urza_root=cfg.library.root) if cfg.train.morphogenetic else None
+        self.model: nn.Module = self.morph.model if self.morph is not None else self.host
+        params = self.morph.kasmina.host_parameters() if self.morph is not None else list(self.host.parameters())
+        self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.tolaria = (Tolaria(self.morph, self.opt, nn.functional.cross_entropy,
+                               await_compiles=cfg.lifecycle.await_compiles) if self.morph is not None else None)
+        self.events_per_step = len(splits.y_train)
+        self.batches_per_epoch = math.ceil(len(splits.y_train) / cfg.data.batch_size)
+        schedule = host_schedule(cfg.train, cfg.train.epochs * self.batches_per_epoch)
+        self.sched = LRScheduler(self.opt, schedule) if schedule is not None else None
+        self.step = 0  # optimiser steps (batches) done
+
+    def close(self) -> None:
+        if self.morph is not None:
+            self.morph.close()
+
+    def total_steps(self) -> int:
+        return self.cfg.train.epochs
+
+    def states(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"model": self.model, "optimizer": self.opt}
+        if self.morph is not None:
+            state["seeds"] = self.morph.kasmina
+        return state
+
+    def cursor(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        if self.morph is not None:
+            if "seeds" not in ckpt.states:
+                raise CheckpointError(f"{ckpt.path} was written by a run without morphogenesis; resume it with the "
+                                      "same config")
+            # Seed manager first: it rebuilds the kernels the model's state dict fills and the fossilized groups the
+            # optimizer's state dict expects.
+            self.morph.kasmina.load_state_dict(ckpt.states["seeds"])
+            for group in self.morph.kasmina.fossil_param_groups():
+                self.opt.add_param_group({"params": group})
+        ckpt.restore({"model": self.model, "optimizer": self.opt})
+        self.step = int(ckpt.data_cursor["task"]["step"])
+        if self.tolaria is not None:
+            self.tolaria.step = self.step
+
+    def train_step(self, epoch: int) -> dict[str, float]:
+        s, cfg = self.s, self.cfg
+        batches = _batches(s, cfg.data.batch_size, cfg.train.seed, epoch)
+        sched = self.sched
+        if sched is not None:
+            sched.step(self.step)
+        if self.tolaria is not None and self.morph is not None:
+            on_step = (lambda done, _loss: sched.step(done)) if sched is not None else None
+            result = self.tolaria.train_epoch(batches, on_step=on_step)
+            self.tolaria.end_epoch(epoch, result, lambda: accuracy(self.model, s.x_val, s.y_val))
+            self.step = self.tolaria.step
+            train_loss, anomaly = result.mean_loss, result.anomaly
+        else:
+            self.model.train()
+            total = 0.0
+            for x, y in batches:
+                loss = nn.functional.cross_entropy(self.model(x), y)
+                self.opt.zero_grad(set_to_none=True)
+                loss.backward()
+                self.opt.step()
+                total += float(loss.detach())
+                self.step += 1
+                if sched is not None:
+                    sched.step(self.step)
+            train_loss, anomaly = total / max(len(batches), 1), None
+        val = accuracy(self.model, s.x_val, s.y_val)
+        values: dict[str, float] = {"train_loss": train_loss, "val_acc": val, "steps": float(self.step),
+                                    "params": _param_count(self.morph, self.host),
+                                    "anomaly": float(anomaly is not None)}
+        if self.morph is not None:
+            states = [r.life.state for r in self.morph.kasmina.seeds.values()]
+            values["seeds_active"] = sum(st in ACTIVE for st in states)
+            values["seeds_fossilized"] = sum(st.value == "FOSSILIZED" for st in states)
+        log.info("epoch %d loss %.4f val_acc %.4f", epoch, train_loss, val)
+        return values
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.model.eval()
+        s = self.s
+        loss = sum(float(nn.functional.cross_entropy(self.model(s.x_val[i : i + 256]), s.y_val[i : i + 256],
+                                                     reduction="sum")) for i in range(0, len(s.y_val), 256))
+        return {"val_loss": loss / max(len(s.y_val), 1)}
+
+    def report(self, run_id: str, epochs_done: int) -> dict[str, Any]:
+        s, morph = self.s, self.morph
+        report: dict[str, Any] = {
+            "run_id": run_id, "morphogenetic": morph is not None, "epochs_done": epochs_done, "steps": self.step,
+            "val_acc": accuracy(self.model, s.x_val, s.y_val), "test_acc": accuracy(self.model, s.x_test, s.y_test),
+            "params": _param_count(morph, self.host), "host_params": sum(p.numel() for p in self.host.parameters()),
+        }
+        if morph is not None:
+            k = morph.kasmina
+            report["seeds"] = {
+                loc: {"state": r.life.state.value, "timeline": [c.model_dump(mode="json") for c in r.life.history]}
+                for loc, r in k.seeds.items()
+            }
+            report["field_reports"] = [rep.model_dump(mode="json") for rep in k.reports]
+            report["skipped"] = dict(k.skipped)
+            report["host_rollbacks"] = k.host_rollbacks
+            lat = morph.policy.latencies_ms
+            report["tamiyo_latency_ms_median"] = sorted(lat)[len(lat) // 2] if lat else math.nan
+        return report
+
+
 def train(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs", resume: str | None = None,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, reporter: ProgressReporter | None = None,
+          show_progress: bool = True) -> dict[str, Any]:
     """Run (or resume) a CIFAR-10 morph training; returns the report (also written to report.json).
 
-    `stop_after` ends this invocation after that many epochs (checkpointed; the run stays resumable). The report
-    then covers the model as it is, and the run is not marked finished.
+    `stop_after` ends this invocation after that many more epochs (checkpointed; the run stays resumable). The
+    report then covers the model as it is, and the run is not marked finished.
     """
     splits = load_splits(cfg)
-    torch.manual_seed(cfg.train.seed)
-    host = HostCNN(cfg.model.widths, cfg.model.num_classes)
-    if resume is None:
-        run = create_run(runs_root, system="morph", name=name, config=cfg, seed=cfg.train.seed,
-                         data_files=splits.files)
-    else:
-        run = open_run(runs_root, resume, config=cfg)
-    morph = assemble(host, cfg, urza_root=cfg.library.root) if cfg.train.morphogenetic else None
-    model: nn.Module = morph.model if morph is not None else host
-    params = morph.kasmina.host_parameters() if morph is not None else list(host.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    tolaria = Tolaria(morph, opt, nn.functional.cross_entropy) if morph is not None else None
-    start_epoch, step = 0, 0
-    if resume is not None:
-        start_epoch, step = _restore(run, model, opt, morph)
-        if tolaria is not None:
-            tolaria.step = step
-    try:
-        with MetricsWriter(run.metrics_path(), run.id) as metrics:
-            metrics.truncate_after(step)  # rows a crash wrote after the checkpoint
-            end = cfg.train.epochs if stop_after is None else min(cfg.train.epochs, start_epoch + stop_after)
-            report = _loop(cfg, run, splits, model, host, opt, morph, tolaria, metrics, start_epoch, end, step)
-    except BaseException:
-        if morph is not None:
-            morph.close()
-        run.finish("failed")
-        raise
-    if morph is not None:
-        morph.close()
-    (run.dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    if report["epochs_done"] == cfg.train.epochs:
-        run.finish("finished", {k: v for k, v in report.items() if isinstance(v, int | float)})
-    return report
-
-
-def _loop(cfg: MorphConfig, run: Run, s: CifarSplits, model: nn.Module, host: nn.Module,
-          opt: torch.optim.Optimizer, morph: Morphogenesis | None, tolaria: Tolaria | None,
-          metrics: MetricsWriter, start_epoch: int, end_epoch: int, step: int) -> dict[str, Any]:
-    seen = start_epoch * len(s.y_train)
-    schedule = host_schedule(cfg.train, cfg.train.epochs * math.ceil(len(s.y_train) / cfg.data.batch_size))
-    sched = LRScheduler(opt, schedule, step) if schedule is not None else None
-    on_step = (lambda done, _loss: sched.step(done)) if sched is not None else None
-    with progress(f"morph {run.id}", total=cfg.train.epochs, unit="epoch") as bar:
-        bar.advance(start_epoch)
-        for epoch in range(start_epoch, end_epoch):
-            batches = _batches(s, cfg.data.batch_size, cfg.train.seed, epoch)
-            if sched is not None:
-                sched.step(step)
-            if tolaria is not None and morph is not None:
-                result = tolaria.train_epoch(batches, on_step=on_step)
-                tolaria.end_epoch(epoch, result, lambda: accuracy(model, s.x_val, s.y_val))
-                step = tolaria.step
-                train_loss, anomaly = result.mean_loss, result.anomaly
-            else:
-                model.train()
-                total = 0.0
-                for x, y in batches:
-                    loss = nn.functional.cross_entropy(model(x), y)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    total += float(loss.detach())
-                    step += 1
-                    if sched is not None:
-                        sched.step(step)
-                train_loss, anomaly = total / max(len(batches), 1), None
-            seen += len(s.y_train)
-            val = accuracy(model, s.x_val, s.y_val)
-            values: dict[str, float] = {"train_loss": train_loss, "val_acc": val,
-                                        "params": _param_count(morph, host), "anomaly": float(anomaly is not None)}
-            if morph is not None:
-                states = [r.life.state for r in morph.kasmina.seeds.values()]
-                values["seeds_active"] = sum(st in ACTIVE for st in states)
-                values["seeds_fossilized"] = sum(st.value == "FOSSILIZED" for st in states)
-            metrics.log(step, seen, values)
-            metrics.flush()
-            _save(run, epoch + 1, step, model, opt, morph)
-            bar.set(loss=train_loss, val_acc=val)
-            bar.advance()
-            log.info("epoch %d loss %.4f val_acc %.4f", epoch, train_loss, val)
-    return _report(cfg, run, s, model, host, morph, step, end_epoch)
-
-
-def _save(run: Run, epoch: int, step: int, model: nn.Module, opt: torch.optim.Optimizer,
-          morph: Morphogenesis | None) -> None:
-    cursor: dict[str, Any] = {"epoch": epoch, "step": step}
-    state: dict[str, Any] = {"model": model, "optimizer": opt}
-    if morph is not None:
-        meta, tensors = morph.kasmina.export_state()
-        cursor["kasmina"] = meta
-        state["seeds"] = tensors
-    save_checkpoint(run.checkpoint_dir, step, state, data_cursor=cursor, keep=2)
-
-
-def _restore(run: Run, model: nn.Module, opt: torch.optim.Optimizer, morph: Morphogenesis | None) -> tuple[int, int]:
-    path = latest_checkpoint(run.checkpoint_dir)
-    if path is None:
-        raise CheckpointError(f"run {run.id} has no checkpoint under {run.checkpoint_dir}; start it afresh")
-    ckpt = load_checkpoint(path)
-    if morph is not None:
-        if "kasmina" not in ckpt.data_cursor:
-            raise CheckpointError(f"{path} was written by a run without morphogenesis; resume it with the same config")
-        groups = morph.kasmina.import_state(ckpt.data_cursor["kasmina"], ckpt.states["seeds"])
-        for group in groups:
-            opt.add_param_group({"params": group})
-    ckpt.restore({"model": model, "optimizer": opt})
-    if morph is not None:
-        morph.kasmina.resnapshot()
-    return int(ckpt.data_cursor["epoch"]), int(ckpt.data_cursor["step"])
-
-
-def _report(cfg: MorphConfig, run: Run, s: CifarSplits, model: nn.Module, host: nn.Module,
-            morph: Morphogenesis | None, step: int, epochs_done: int) -> dict[str, Any]:
-    report: dict[str, Any] = {
-        "run_id": run.id, "morphogenetic": morph is not None, "epochs_done": epochs_done, "steps": step,
-        "val_acc": accuracy(model, s.x_val, s.y_val), "test_acc": accuracy(model, s.x_test, s.y_test),
-        "params": _param_count(morph, host), "host_params": sum(p.numel() for p in host.parameters()),
-    }
-    if morph is not None:
-        k = morph.kasmina
-        report["seeds"] = {
-            loc: {"state": r.life.state.value, "timeline": [c.model_dump(mode="json") for c in r.life.history]}
-            for loc, r in k.seeds.items()
-        }
-        report["field_reports"] = [rep.model_dump(mode="json") for rep in k.reports]
-        report["skipped"] = dict(k.skipped)
-        report["host_rollbacks"] = k.host_rollbacks
-        lat = morph.policy.latencies_ms
-        report["tamiyo_latency_ms_median"] = sorted(lat)[len(lat) // 2] if lat else math.nan
+    with open_session(cfg, cfg.train, runs_root, system="morph", name=name, resume=resume, data_files=splits.files,
+                      reporter=reporter, show_progress=show_progress) as session:
+        task = MorphTask(cfg, splits, name)
+        try:
+            result = session.fit(task, stop_after=stop_after)
+            report = task.report(session.run.id, result.steps)
+        finally:
+            task.close()
+        atomic_write(session.run.dir / "report.json", json.dumps(report, indent=2) + "\n")
+        if result.steps == result.total:
+            session.finish({k: v for k, v in report.items() if isinstance(v, int | float)})
     return report

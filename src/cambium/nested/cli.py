@@ -7,18 +7,18 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from cambium.core import cli_options as options
 from cambium.core.config import load
 from cambium.core.errors import ConfigError
-from cambium.core.testing import ProgressReporter
+from cambium.core.progress import ProgressReporter
 from cambium.data.mixture import prepare_mixture
 from cambium.nested.config import NestedConfig
 
 app = typer.Typer(help="Nested learning: models whose forward pass is optimisation (MAG over sliding-window "
                   "attention, SWA baseline), built on a continuous context stream.", no_args_is_help=True)
 
-CONFIG = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/nested/tiny.toml.")
-SET = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable).")
-RUNS = typer.Option(Path("runs"), "--runs-dir", help="Directory of the run registry.")
+SET = options.SET
+RUNS = options.RUNS_DIR
 
 
 def _prepare_if_missing(cfg: NestedConfig) -> None:
@@ -28,20 +28,23 @@ def _prepare_if_missing(cfg: NestedConfig) -> None:
 
 @app.command("build")
 def build_command(
-    config: Path = CONFIG,
+    config: Path | None = options.CONFIG,
     set_: list[str] = SET,
     runs_dir: Path = RUNS,
-    resume: str | None = typer.Option(None, help="Continue this run (id or unique prefix) from its last checkpoint."),
+    resume: str | None = options.RESUME,
+    device: str | None = options.DEVICE,
     prep: bool = typer.Option(True, help="Tokenize the context's mixture first if it is missing."),
 ) -> None:
     """Build a model on its context (a new run, or --resume an existing one exactly where it stopped)."""
+    from cambium.core.loop import load_run_config
     from cambium.nested.build import build
 
-    cfg = load(config, NestedConfig, set_)
+    cfg = load_run_config(NestedConfig, runs_dir, config=config, resume=resume,
+                          overrides=set_, device=device, section="build")
     if prep:
         _prepare_if_missing(cfg)
     result = build(cfg, runs_dir, resume=resume, reporter=ProgressReporter.from_env())
-    Console().print(f"run {result.run_id}: {result.steps} steps, {result.tokens:,} tokens; "
+    Console().print(f"run {result.run_id}: {result.steps} steps, {result.events:,} tokens; "
                     + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final.items())))
 
 
@@ -74,7 +77,7 @@ def demo(runs_dir: Path = Path("runs")) -> None:
     result = build(cfg, runs_dir)
     values = evaluate_run(runs_dir, result.run_id)
     Console().print(f"nested tiny ({cfg.model.composition}): run {result.run_id}, {result.steps} steps, "
-                    f"{result.tokens:,} tokens; final loss {result.final['loss']:.3f}; held-out "
+                    f"{result.events:,} tokens; final loss {result.final['loss']:.3f}; held-out "
                     f"val/loss {values['val/loss']:.3f}, val/ppl {values['val/ppl']:.2f} over "
                     f"{values['val/tokens']:,.0f} tokens")
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cambium.core.errors import CheckpointError, ConfigError
-from cambium.nested.config import ModelConfig
+from cambium.core.errors import CheckpointError
+from cambium.nested.config import BUILT_COMPOSITIONS, ModelConfig
 from cambium.nn.attention import Attention
 from cambium.nn.memory import MemoryLayer, MemoryState
 from cambium.nn.mlp import SwiGLU
@@ -36,7 +36,6 @@ from cambium.nn.norm import RMSNorm
 
 __all__ = ["ContextMemory", "NestedBlock", "NestedLM", "count_parameters"]
 
-BUILT_COMPOSITIONS = ("mag", "swa")
 LevelStates = list[MemoryState | None]
 LevelWindows = list[torch.Tensor | None]
 
@@ -63,7 +62,7 @@ class NestedBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, max_seq_len: int, seed: int) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.dim)
-        self.attn = Attention(cfg.dim, cfg.heads, window=cfg.window, max_seq_len=max_seq_len + (cfg.window or 0))
+        self.attn = Attention(cfg.dim, cfg.heads, window=cfg.window, max_seq_len=max_seq_len + cfg.window)
         self.memory = MemoryLayer(cfg.dim, cfg.heads, cfg.memory, seed=seed) if cfg.composition == "mag" else None
         self.norm2 = RMSNorm(cfg.dim)
         self.mlp = SwiGLU(cfg.dim, cfg.mlp_hidden)
@@ -88,12 +87,7 @@ class NestedLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, max_seq_len: int) -> None:
         super().__init__()
-        if cfg.composition not in BUILT_COMPOSITIONS:
-            raise ConfigError(f"model.composition={cfg.composition!r} is not built yet (cambium issue 7); "
-                              f"choose one of {BUILT_COMPOSITIONS}")
-        if cfg.persistent_tokens:
-            raise ConfigError(f"model.persistent_tokens={cfg.persistent_tokens} is not built yet (cambium issue 7); "
-                              "set it to 0")
+        assert cfg.composition in BUILT_COMPOSITIONS, cfg.composition  # the config refuses the others at load
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.levels = nn.ModuleList(NestedBlock(cfg, max_seq_len, seed=i) for i in range(cfg.n_levels))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import heapq
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,13 +127,18 @@ def record_command(
                   duration=duration, max_frames=None, config=None, overrides=[])
 
 
-def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> None:
+def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> Path:
     """Serve the committed BTC/ETH captures through the local replay websocket server and run the live path on them:
-    rich table, status page and Prometheus metrics, all offline; then the deterministic replay digest."""
+    rich table, status page and Prometheus metrics, all offline; then the deterministic replay digest.
+
+    The replay's feature snapshots, predictions and rank events go to `<runs_dir>/screener_demo/store` (Parquet,
+    replaced on each run) and its digest and counts to `<runs_dir>/screener_demo/replay.json`; returns that directory.
+    """
     from cambium.market.binance import route_usdm
     from cambium.market.captures import iter_hftbacktest
     from cambium.market.replay_server import ReplayServer
-    from cambium.screener.replay import read_expected, replay
+    from cambium.screener.replay import read_expected, replay, write_expected
+    from cambium.screener.storage import ScreenerStore
 
     for path in [SAMPLE_CONFIG, *SAMPLE_CAPTURES]:
         if not path.is_file():
@@ -153,17 +159,26 @@ def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> None:
     rows: list[dict[str, Any]] = status["top"]  # type: ignore[assignment]
     top = ", ".join(f"{r['rank']}. {r['symbol']} {r['score']:.3f}" for r in rows)
     console.print(f"top-K at the end of the live run: {top or '(empty)'}")
-    result = replay(SAMPLE_CAPTURES, load(SAMPLE_CONFIG, ScreenerConfig))
+    out = Path(runs_dir) / "screener_demo"
+    # The store numbers its files after those already there: a rerun replaces the last demo's rows, never adds to them.
+    shutil.rmtree(out / "store", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    replay_cfg = load(SAMPLE_CONFIG, ScreenerConfig)
+    result = replay(SAMPLE_CAPTURES, replay_cfg, store=ScreenerStore(replay_cfg.storage, out / "store"))
+    write_expected(out / "replay.json", result, replay_cfg, SAMPLE_CAPTURES)
     want = read_expected(SAMPLE_CONFIG.with_suffix(".expected.json"))
     verdict = "matches" if want["digest"] == result.digest else "DIFFERS FROM"
     console.print(f"replay digest {result.digest} ({result.rank_events} rank events) {verdict} the committed one")
+    console.print(f"replay snapshots, predictions and rank events: {out / 'store'} (Parquet, DuckDB-readable)")
+    return out
 
 
 @app.command("demo")
 def demo_command(
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Directory of the run registry."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Directory that receives the demo's files "
+                                  "(screener_demo/: the replay's Parquet store and digest)."),
     speed: float = typer.Option(30.0, "--speed", min=0.1, help="Pace of the served captures (× recorded speed)."),
 ) -> None:
     """The live path offline: the committed captures through the local replay websocket server (rich table, status
-    page, metrics), then the deterministic replay digest."""
+    page, metrics), then the deterministic replay digest, stored with its rows under --runs-dir."""
     demo(runs_dir, speed)

@@ -6,7 +6,8 @@ the shipped configs/screener/default.toml spells all of them out.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -223,10 +224,9 @@ class NotifyConfig(ConfigModel):
 
 
 class StorageConfig(ConfigModel):
-    """Parquet files (queryable with DuckDB) for training and audit."""
+    """How the Parquet files (queryable with DuckDB) are written; where is the command's choice (`screener replay
+    --store DIR`, the demo's `--runs-dir`)."""
 
-    enabled: bool = Field(True, description="Write feature/prediction snapshots and rank events.")
-    root: str = Field("runs/screener/store", description="Directory receiving <kind>/part-NNNNNN.parquet files.")
     batch_rows: int = Field(1_000, ge=1, description="Rows buffered in memory before a row group is written.")
     rotate_rows: int = Field(200_000, ge=1, description="Rows per file before a new file is started.")
     compression: Literal["zstd", "snappy", "none"] = Field("zstd", description="Parquet compression codec.")
@@ -239,12 +239,14 @@ class StorageConfig(ConfigModel):
 
 
 class FeatureConfig(ConfigModel):
-    """The feature engine: snapshot cadence, impact clip size and staleness limits (windows are 1 s/10 s/60 s/5 m)."""
+    """The feature engine: snapshot cadence, impact clip size, clock skew and expected streams.
+
+    Windows are 1 s/10 s/60 s/5 m. Staleness is judged by the scorer (`status.max_stale_*_ms`) from data_health.
+    """
 
     cadence_ms: int = Field(1_000, ge=100, le=60_000, description="Snapshot cadence in exchange time; the windows "
                             "(1 s, 10 s, 60 s, 5 m) must be whole multiples of it.")
     clip_notional: float = Field(10_000.0, gt=0, description="Order size (quote) whose impact_bps is measured.")
-    stale_ms: int = Field(5_000, ge=1, description="A stream silent for longer than this makes data_health bad.")
     max_skew_ms: int = Field(2_000, ge=0, description="How far (exchange ms) the clock waits for the slower of the "
                              "book and trade streams, which arrive on different connections.")
     streams: tuple[Literal["bookTicker", "trade", "depth"], ...] = Field(
@@ -281,13 +283,16 @@ class LiveConfig(ConfigModel):
 class ScreenerConfig(ConfigModel):
     """Root config of the screener."""
 
+    # `ExplainConfig` configures the `cambium.screener.explain` library; no command produces explanations yet.
+    unbuilt: ClassVar[Mapping[str, str]] = {
+        "explain": "no screener command explains its events; cambium.screener.explain takes an ExplainConfig"}
+
     live: LiveConfig = Field(default_factory=LiveConfig, description="Live mode subscriptions and status page.")
     features: FeatureConfig = Field(default_factory=FeatureConfig, description="Feature engine.")
     scorer: ScorerConfig = Field(default_factory=ScorerConfig, description="Score formula weights.")
     status: StatusConfig = Field(default_factory=StatusConfig, description="Status rules and toxicity gates.")
     ranker: RankerConfig = Field(default_factory=RankerConfig, description="Top-K list with hysteresis.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model runner.")
-    explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations.")
     notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Notifiers.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Parquet storage.")
 

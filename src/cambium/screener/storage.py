@@ -145,9 +145,9 @@ class ParquetSink(Generic[T]):
 class ScreenerStore:
     """The three sinks under one root, plus DuckDB views over what has been written."""
 
-    def __init__(self, cfg: StorageConfig | None = None, root: str | Path | None = None) -> None:
+    def __init__(self, cfg: StorageConfig | None, root: str | Path) -> None:
         self.cfg = cfg or StorageConfig()
-        self.root = Path(root if root is not None else self.cfg.root)
+        self.root = Path(root)
         c = self.cfg
         self.features = ParquetSink(self.root / "features", FEATURES_SCHEMA, _feature_row,
                                     c.batch_rows, c.rotate_rows, c.compression)

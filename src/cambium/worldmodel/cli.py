@@ -7,35 +7,38 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from cambium.core import cli_options as options
 from cambium.core.config import load
 from cambium.core.errors import ConfigError
-from cambium.core.testing import ProgressReporter
+from cambium.core.progress import ProgressReporter
 from cambium.worldmodel.config import CONFIG_MODEL
 
 app = typer.Typer(help="Market world model: FSQ tokenizer, Mamba-2 JEPA, pipeline and evaluation.",
                   no_args_is_help=True)
 
-CONFIG = typer.Option(..., "--config", "-c", help="TOML config, e.g. configs/worldmodel/tiny.toml.")
-SET = typer.Option([], "--set", help="Override a config value: section.key=value (repeatable).")
-RUNS = typer.Option(Path("runs"), "--runs-dir", help="Directory of the run registry.")
+SET = options.SET
+RUNS = options.RUNS_DIR
 # The steps `demo` runs: the full tiny pipeline takes longer than a demo should on a shared 2-core machine.
 DEMO_OVERRIDES = ["train_tokenizer.steps=300", "train_jepa.steps=150", "pipeline.checkpoint_every=50"]
 
 
 @app.command("pipeline")
 def pipeline_command(
-    config: Path = CONFIG,
+    config: Path | None = options.CONFIG,
     set_: list[str] = SET,
     runs_dir: Path = RUNS,
-    resume: str | None = typer.Option(None, help="Continue this run (id or unique prefix)."),
+    resume: str | None = options.RESUME,
+    device: str | None = options.DEVICE,
     start_phase: int | None = typer.Option(None, min=1, max=5, help="First phase (1 import, 2 Strate I, "
                                            "3 pretokenize, 4 Strate II, 5 evaluate); > 1 needs --resume."),
     stop_phase: int = typer.Option(5, min=1, max=5, help="Last phase to run."),
 ) -> None:
     """Run the world-model pipeline (a new run, or --resume one exactly where it stopped)."""
+    from cambium.core.loop import load_run_config
     from cambium.worldmodel.pipeline import run_pipeline
 
-    cfg = load(config, CONFIG_MODEL, set_)
+    cfg = load_run_config(CONFIG_MODEL, runs_dir, config=config, resume=resume,
+                          overrides=set_, device=device, section="pipeline")
     result = run_pipeline(cfg, runs_dir, resume=resume, start_phase=start_phase, stop_phase=stop_phase,
                           reporter=ProgressReporter.from_env())
     _print_result(result)

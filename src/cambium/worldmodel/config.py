@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from cambium.core.config import ConfigModel
+from cambium.core.config import RESUME_SAFE, ConfigModel
+from cambium.core.loop import LoopConfig
 
 __all__ = [
     "ALIGNED_HEAD_DIM",
@@ -101,15 +102,20 @@ class EvalConfig(ConfigModel):
         return self
 
 
-class PipelineConfig(ConfigModel):
-    """How `cambium worldmodel pipeline` runs its phases."""
+class PipelineConfig(LoopConfig):
+    """How `cambium worldmodel pipeline` runs its phases: `cambium.core.loop.LoopConfig` (seed of every random
+    generator of a run, device, dtype, threads, intervals of the training phases 2 and 4)."""
 
-    checkpoint_every: int = Field(100, ge=1, description="checkpoint every this many steps of phases 2 and 4")
-    keep_checkpoints: int = Field(3, ge=1, description="checkpoints kept in the run")
-    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default; 1 makes runs reproducible "
-                                              "under any load)")
     tokenizer_window_patches: int = Field(8, ge=1, description="patches per Strate I training window")
-    log_every: int = Field(1, ge=1, description="log training metrics every this many steps")
+    holdout_windows: int = Field(64, ge=1, description="hold-out windows whose loss each evaluation of phases 2 and "
+                                 "4 reports (fixed for the run)", json_schema_extra=RESUME_SAFE)
+
+    @model_validator(mode="after")
+    def _phases_set_their_length(self) -> PipelineConfig:
+        if self.max_steps is not None:
+            raise ValueError(f"max_steps={self.max_steps}: the phases run train_tokenizer.steps and "
+                             "train_jepa.steps steps; set those (a resume may raise them)")
+        return self
 
 
 class TokenizerConfig(ConfigModel):
@@ -222,7 +228,8 @@ class JEPAConfig(ConfigModel):
 class TrainConfig(ConfigModel):
     """One training phase."""
 
-    steps: int = Field(1000, ge=1, description="optimizer steps")
+    steps: int = Field(1000, ge=1, description="optimizer steps of the phase (and of its lr and EMA schedules); a "
+                       "resume may raise it", json_schema_extra=RESUME_SAFE)
     batch_size: int = Field(64, ge=1, description="windows per step")
     lr: float = Field(3e-4, gt=0, description="peak AdamW learning rate")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay")
@@ -234,8 +241,6 @@ class WorldModelConfig(ConfigModel):
     """Root config of `cambium worldmodel`."""
 
     size: Literal["tiny", "S", "M", "L", "XL"] = Field(description="T-shirt size of this config")
-    device: Literal["cpu", "cuda"] = Field("cpu", description="device the models are trained on")
-    seed: int = Field(0, description="seed of every random generator of a run")
     data: DataConfig = Field(default_factory=DataConfig, description="input candles")
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig, description="Strate I model")
     jepa: JEPAConfig = Field(default_factory=JEPAConfig, description="Strate II model")

@@ -21,6 +21,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -128,6 +130,29 @@ def vicreg_terms(x: Tensor, gamma: float, eps: float) -> tuple[Tensor, Tensor]:
     return var_loss, off.pow(2).sum() / d
 
 
+def _global_mse(pred: Tensor, tgt: Tensor) -> Tensor:
+    """This rank's part of the MSE over every rank's rows, valued as the global MSE.
+
+    The gradient is world·(local squared error)/(global count), so that DDP's mean over ranks gives the gradient of
+    the global MSE exactly, whatever the number of masked rows on each rank."""
+    world = dist.get_world_size()
+    local = (pred - tgt).pow(2).sum()
+    totals = torch.stack([local.detach(), torch.tensor(float(pred.numel()), device=pred.device)])
+    dist.all_reduce(totals)
+    part = local * world / totals[1]
+    return part + (totals[0] / totals[1] - part).detach()
+
+
+def _gather_rows(x: Tensor) -> Tensor:
+    """Rows [M_r, D] of every rank, concatenated in rank order, with gradients (rank counts may differ)."""
+    counts = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(c) for c in counts]
+    padded = F.pad(x, (0, 0, 0, max(sizes) - x.shape[0]))
+    parts = dist_nn.all_gather(padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
 def ema_momentum(step: int, total: int, cfg: EMAConfig) -> float:
     """Target-encoder momentum at `step` of `total`: a half cosine from tau_start to tau_end."""
     p = min(max(step / max(total, 1), 0.0), 1.0)
@@ -170,6 +195,8 @@ class WorldModelJEPA(nn.Module):
             width = cfg.predictor.hidden_dim
         layers.append(nn.Linear(width, d))
         self.predictor = nn.Sequential(*layers)
+        # Set by data-parallel training: the batch is split over ranks, and the loss is made the global batch's.
+        self.data_parallel = False
 
     def train(self, mode: bool = True) -> WorldModelJEPA:
         super().train(mode)
@@ -187,9 +214,14 @@ class WorldModelJEPA(nn.Module):
             z = self.target_encoder(x.detach(), clock)
         pred = self.predictor(h[mask])
         tgt = z[mask]
-        inv = F.mse_loss(pred.float(), tgt.float())
+        flat_h = h.reshape(-1, h.shape[-1])
+        if self.data_parallel and dist.is_initialized() and dist.get_world_size() > 1:
+            inv = _global_mse(pred.float(), tgt.float())
+            pred, flat_h = _gather_rows(pred), _gather_rows(flat_h)
+        else:
+            inv = F.mse_loss(pred.float(), tgt.float())
         var_p, cov_p = vicreg_terms(pred, v.var_gamma, v.eps)
-        var_h, cov_h = vicreg_terms(h.reshape(-1, h.shape[-1]), v.var_gamma, v.eps)
+        var_h, cov_h = vicreg_terms(flat_h, v.var_gamma, v.eps)
         var, cov = (var_p + var_h) / 2, (cov_p + cov_h) / 2
         loss = v.inv_weight * inv + v.var_weight * var + v.cov_weight * cov
         return JEPAOutput(loss, inv, var, cov, pred, tgt, h)

@@ -9,20 +9,18 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from cambium.core.metrics import read_metrics
+from cambium.worldmodel.artifacts import RunArtifacts
 from cambium.worldmodel.data import Split, holdout_part
 from cambium.worldmodel.evaluation import CodedSeries
 from cambium.worldmodel.features import CandleBatch
 from cambium.worldmodel.jepa import WorldModelJEPA
 from cambium.worldmodel.training import sample_windows
-
-if TYPE_CHECKING:
-    from cambium.worldmodel.pipeline import Pipeline
 
 __all__ = ["format_probe_table", "write_report"]
 
@@ -70,13 +68,13 @@ def _verdict(probes: dict[str, Any]) -> str:
                if max(lat["r2"], raw["r2"]) <= 0 else ""))
 
 
-def _reconstructions(pipe: Pipeline, model: WorldModelJEPA, split: Split, out: Path) -> None:
+def _reconstructions(pipe: RunArtifacts, model: WorldModelJEPA, split: Split, out: Path) -> None:
     plt = _plt()
     cfg = pipe.cfg
     patch = cfg.tokenizer.patch_length
     segments, _ = pipe.segments()
     hold = holdout_part(segments, split, patch) or segments
-    gen = torch.Generator().manual_seed(cfg.seed * 100 + 51)
+    gen = torch.Generator().manual_seed(cfg.pipeline.seed * 100 + 51)
     k = cfg.evaluation.report_examples
     batch: CandleBatch = sample_windows(hold, patch, k, gen)
     with torch.no_grad():
@@ -113,39 +111,43 @@ def _codebook(coded: list[CodedSeries], size: int, out: Path) -> None:
 
 def _curves(metrics_path: Path, out: Path) -> None:
     plt = _plt()
-    rows = read_metrics(metrics_path, ["tokenizer/loss", "jepa/loss"])
+    names = ("tokenizer/loss", "tokenizer/holdout_loss", "jepa/loss", "jepa/holdout_loss")
+    rows = read_metrics(metrics_path, names)
     fig, axes = plt.subplots(1, 2, figsize=(10, 3))
-    for ax, name in zip(axes, ("tokenizer/loss", "jepa/loss"), strict=True):
-        pts = [(r.step, r.value) for r in rows if r.name == name]
-        if pts:
-            ax.plot(*zip(*pts, strict=True))
-        ax.set_title(name, fontsize=9)
+    for ax, phase in zip(axes, ("tokenizer", "jepa"), strict=True):
+        for name, label, style in ((f"{phase}/loss", "training batches", "-"),
+                                   (f"{phase}/holdout_loss", "hold-out windows", "o--")):
+            pts = [(r.step, r.value) for r in rows if r.name == name]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, label=label, markersize=3)
+        ax.set_title(f"{phase} loss", fontsize=9)
         ax.set_xlabel("pipeline step")
+        ax.legend(fontsize=7)
     fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.18, wspace=0.25)
     fig.savefig(out, dpi=90)
     plt.close(fig)
 
 
-def write_report(pipe: Pipeline, model: WorldModelJEPA, coded: list[CodedSeries], split: Split,
+def write_report(pipe: RunArtifacts, model: WorldModelJEPA, coded: list[CodedSeries], split: Split,
                  probes: dict[str, Any]) -> Path:
     """Write report.md and its PNGs into `<run>/report/`; returns the path of report.md."""
-    out = pipe.run.dir / "report"
+    out = pipe.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     _reconstructions(pipe, model, split, out / "reconstructions.png")
     _codebook(coded, model.tokenizer.codebook_size, out / "codebook_usage.png")
-    _curves(pipe.run.metrics_path(), out / "training_curves.png")
+    _curves(pipe.metrics_path, out / "training_curves.png")
     latest: dict[str, float] = {}
-    for r in read_metrics(pipe.run.metrics_path()):
+    for r in read_metrics(pipe.metrics_path):
         latest[r.name] = r.value
-    info = json.loads((pipe.run.dir / "data" / "import.json").read_text(encoding="utf-8"))
+    info = json.loads((pipe.run_dir / "data" / "import.json").read_text(encoding="utf-8"))
     cfg = pipe.cfg
 
     def m(name: str, fmt: str = ".4f") -> str:
         return format(latest[name], fmt) if name in latest else "n/a"
 
-    text = f"""# worldmodel pipeline report — run {pipe.run.id}
+    text = f"""# worldmodel pipeline report — run {pipe.run_id}
 
-Config size `{cfg.size}`, seed {cfg.seed}. Every number below comes from this run's files; probe numbers are in
+Config size `{cfg.size}`, seed {cfg.pipeline.seed}. Every number below comes from this run's files; probe numbers are in
 `probe.json` at full precision.
 
 ## Data (phase 1)

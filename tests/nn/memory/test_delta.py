@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from cambium.core.errors import ConfigError
-from cambium.nn.memory.delta import delta_rule_chunkwise, delta_rule_recurrent
-from cambium.nn.memory.delta_kernel import DeltaChunkFunction
+from cambium.nn.memory.delta import delta_rule_recurrent
+from cambium.nn.memory.delta_kernel import DeltaChunkFunction, delta_rule_chunkwise
 from cambium.nn.memory.linear_memory import LinearMemoryFunction, linear_memory_fused, linear_memory_recurrent
 
 from .memory_inputs import fla_naive, make_inputs

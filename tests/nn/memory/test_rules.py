@@ -11,9 +11,10 @@ from cambium.nn.memory import knobs
 from cambium.nn.memory.chunk_approx import chunk_approx_forward, error_table
 from cambium.nn.memory.config import MemoryConfig
 from cambium.nn.memory.delta import delta_rule_recurrent
+from cambium.nn.memory.dispatch import memory_forward
 from cambium.nn.memory.linear_memory import linear_memory_recurrent
 from cambium.nn.memory.presets import PRESETS, delta, hebbian, lattice_osr, memora, titans_lmm, trellis
-from cambium.nn.memory.rules import MemoryState, initial_state, memory_forward, miras_recurrent
+from cambium.nn.memory.rules import MemoryState, initial_state, miras_recurrent
 
 from .memory_inputs import make_inputs
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from cambium.core.errors import ConfigError
 from cambium.nn.memory import knobs
 from cambium.nn.memory.config import MemoryConfig
-from cambium.nn.memory.delta import LOG_GAMMA_MIN, _inner, _to_chunks, causal_masks, check_qkv, decay_matrix, log_retain
+from cambium.nn.memory.delta import _inner, check_qkv
+from cambium.nn.memory.delta_kernel import LOG_GAMMA_MIN, _to_chunks, causal_masks, decay_matrix, log_retain
 from cambium.nn.memory.rules import MemoryState, _check_state, miras_recurrent
 
 __all__ = ["chunk_approx_forward", "error_table", "format_table"]

@@ -20,8 +20,9 @@ from torch import nn
 from cambium.core.errors import ConfigError
 from cambium.nn.memory import knobs
 from cambium.nn.memory.config import MemoryConfig
+from cambium.nn.memory.dispatch import memory_forward
 from cambium.nn.memory.presets import titans_lmm
-from cambium.nn.memory.rules import MemoryState, initial_state, memory_forward
+from cambium.nn.memory.rules import MemoryState, initial_state
 
 __all__ = ["MemoryLayer", "TitansMemory"]
 

@@ -1,9 +1,10 @@
-"""Token-by-token recurrences (the references) for every memory rule, and the dispatcher over execution paths.
+"""Token-by-token recurrences (the references) for every memory rule, and the inner-loop state they share.
 
 Legend: B batch, H heads, T tokens, Dk key/query width, Dv value width. q, k `[B, H, T, Dk]` are expected
 L2-normalised (the layers normalise them), v `[B, H, T, Dv]`, gates `[B, H, T]`: α retain (M ← (1−α)M + …),
 η momentum, θ inner learning rate. Every rule reads after it writes: o_t = read(M_t, q_t). The inner loop (memory,
 momentum, errors) runs in fp32 whatever the outer dtype or autocast (fp64 inputs stay fp64, for gradcheck).
+A reference is a leaf: nothing here imports a fast path; `dispatch.memory_forward` picks between them.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ import torch.nn.functional as F
 from cambium.core.errors import ConfigError
 from cambium.nn.memory import knobs
 from cambium.nn.memory.config import MemoryConfig
-from cambium.nn.memory.delta import _inner, check_qkv, delta_rule_chunkwise
+from cambium.nn.memory.delta import _inner, check_qkv
 
-__all__ = ["MemoryState", "initial_state", "memory_forward", "miras_recurrent", "trellis_recurrent"]
+__all__ = ["MemoryState", "initial_state", "miras_recurrent", "trellis_recurrent"]
 
 
 class MemoryState(NamedTuple):
@@ -144,27 +145,3 @@ def trellis_recurrent(
             outs.append(torch.einsum("bhvm,bhm->bhv", values, address))
         o = torch.stack(outs, dim=2)
     return o.to(q.dtype), MemoryState((keys, values), ())
-
-
-def memory_forward(
-    cfg: MemoryConfig,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    theta: torch.Tensor,
-    alpha: torch.Tensor | None = None,
-    eta: torch.Tensor | None = None,
-    initial: MemoryState | None = None,
-) -> tuple[torch.Tensor, MemoryState]:
-    """Run `cfg` on its configured execution path (recurrent, chunkwise_exact, chunkwise_approx)."""
-    if cfg.rule == "trellis":
-        return trellis_recurrent(cfg, q, k, v, theta, alpha, initial)
-    if cfg.execution == "recurrent":
-        return miras_recurrent(cfg, q, k, v, theta, alpha, eta, initial)
-    if cfg.execution == "chunkwise_exact":
-        w0 = None if initial is None else initial.params[0]
-        o, w = delta_rule_chunkwise(q, k, v, theta, alpha, w0, chunk_size=cfg.chunk_size)
-        return o, MemoryState((w,), ())
-    from cambium.nn.memory.chunk_approx import chunk_approx_forward
-
-    return chunk_approx_forward(cfg, q, k, v, theta, alpha, eta, initial)

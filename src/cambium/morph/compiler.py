@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cambium.morph.bus import InProcessBus
 from cambium.morph.contracts import (
     BlueprintIR,
     BlueprintStatus,
@@ -35,9 +36,8 @@ from cambium.morph.contracts import (
     parse,
 )
 from cambium.morph.ir import BlueprintError, CompiledIRModule, build_module
-from cambium.morph.oona import InProcessBus
-from cambium.morph.urabrask import benchmark
-from cambium.morph.urza import ArtifactError, Urza
+from cambium.morph.kernel_bench import benchmark
+from cambium.morph.library import ArtifactError, Urza
 
 __all__ = ["PAYLOAD_FORMAT", "Tezzeret", "compile_module", "load_kernel", "serialize"]
 

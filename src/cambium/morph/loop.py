@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cambium.morph.bus import InProcessBus
 from cambium.morph.cache import KernelCache
+from cambium.morph.compiler import Tezzeret
 from cambium.morph.config import MorphConfig
 from cambium.morph.contracts import (
     AdaptationSignal,
@@ -33,12 +35,10 @@ from cambium.morph.contracts import (
     HealthSignal,
     KasminaCommand,
 )
+from cambium.morph.controller import HeuristicPolicy, Policy
 from cambium.morph.ir import BlueprintError
-from cambium.morph.kasmina import Kasmina
-from cambium.morph.oona import InProcessBus
-from cambium.morph.tamiyo import HeuristicPolicy, Policy
-from cambium.morph.tezzeret import Tezzeret
-from cambium.morph.urza import Urza
+from cambium.morph.library import Urza
+from cambium.morph.seeds import Kasmina
 from cambium.morph.wrap import MorphedModel, wrap
 
 __all__ = ["EpochResult", "Morphogenesis", "Tolaria", "assemble"]
@@ -102,7 +102,6 @@ class Tolaria:
         self.loss_fn = loss_fn
         self.await_compiles = await_compiles
         self.step = 0
-        self._commands = 0
         morph.kasmina.register_state("host_optimizer", optimizer)
 
     def train_epoch(self, batches: Iterable[Batch], on_step: Callable[[int, float], None] | None = None
@@ -143,6 +142,7 @@ class Tolaria:
             )
             result.decisions = self.m.policy.decide(packet)
             shapes = {s.seed_id: s.shape for s in packet.seeds}
+            issued = 0
             for signal in result.decisions:
                 assert signal.seed_id is not None and signal.blueprint_name is not None
                 try:
@@ -150,11 +150,13 @@ class Tolaria:
                 except BlueprintError:
                     k.skipped["blueprint"] += 1
                     continue
-                self._commands += 1
+                issued += 1
+                # Named by the boundary, not by a counter kept here: Kasmina ignores ids it has seen, and that set is
+                # checkpointed, so ids restarting from 1 after a resume would drop the resumed run's commands.
                 bus.publish(
                     "control.kasmina.commands",
                     KasminaCommand(
-                        command_id=f"cmd-{self._commands}", kind=CommandKind.GERMINATE, seed_id=signal.seed_id,
+                        command_id=f"cmd-{epoch + 1}-{issued}", kind=CommandKind.GERMINATE, seed_id=signal.seed_id,
                         blueprint_id=bp.blueprint_id, health=_health_of(result.health, signal.seed_id),
                         epoch=epoch + 1,
                     ),

@@ -15,7 +15,7 @@ import random
 
 from cambium.morph.contracts import Blueprint, BlueprintIR, IRNode, OpKind
 from cambium.morph.ir import BlueprintError, infer_shapes, output_shape, param_count
-from cambium.morph.urza import Urza
+from cambium.morph.library import Urza
 
 __all__ = ["Karn", "mutate"]
 

@@ -1,4 +1,4 @@
-"""Kasmina, the execution layer: drives every seed of a wrapped model through its lifecycle, safely.
+"""Kasmina, the seed manager: drives every seed of a wrapped model through its lifecycle, safely.
 
 The training loop calls, per step, `observe_loss(loss)` before backward (True = anomaly: end the epoch now) and
 `after_backward()` after it; per epoch, `begin_epoch()` instead of `model.train()`, then at the end
@@ -6,8 +6,11 @@ The training loop calls, per step, `observe_loss(loss)` before backward (True = 
     with kasmina.boundary(epoch + 1):
         health = kasmina.close_epoch(val_fn)         # transitions, validation gates, rollbacks, telemetry
         for signal in policy.decide(kasmina.packet(...)):
-            bus.publish("control.kasmina.commands", KasminaCommand(...))   # Tolaria does this
+            bus.publish("control.kasmina.commands", KasminaCommand(...))   # Tolaria (loop.py) does this
         kasmina.execute_commands()
+
+`state_dict()` / `load_state_dict()` carry everything a resumed run needs beyond the wrapped model's and the host
+optimizer's state dicts, so that it continues exactly as if never stopped.
 
 Safety, all enforced here (not left to the policy):
 - gradient isolation: a TRAINING seed sees `x.detach()` and the slot's tap returns ∂L/∂x unchanged;
@@ -25,18 +28,19 @@ Safety, all enforced here (not left to the policy):
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from cambium.core.errors import CheckpointError
+from cambium.morph.bus import InProcessBus
 from cambium.morph.cache import KernelCache
+from cambium.morph.compiler import load_kernel
 from cambium.morph.config import LifecycleConfig
 from cambium.morph.contracts import (
     CommandKind,
@@ -49,12 +53,12 @@ from cambium.morph.contracts import (
     Seed,
     SeedState,
     SystemStatePacket,
+    parse,
 )
+from cambium.morph.library import Urza
 from cambium.morph.lifecycle import ACTIVE, EpochClock, Lifecycle, LifecycleError, is_legal
-from cambium.morph.oona import InProcessBus
-from cambium.morph.slots import Mode, SeedSlot
-from cambium.morph.tezzeret import load_kernel
-from cambium.morph.urza import Urza
+from cambium.morph.seed_record import SeedRecord
+from cambium.morph.slots import Mode
 from cambium.morph.wrap import MorphedModel
 
 __all__ = ["Kasmina"]
@@ -64,31 +68,6 @@ BLENDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
 _MODE = {S.TRAINING: Mode.SHADOW, **{s: Mode.BLEND for s in (*BLENDED, S.FOSSILIZED)}}
 _GROUP = "kasmina"
 Outcome = Literal[SeedState.FOSSILIZED, SeedState.CULLED, SeedState.ROLLED_BACK]
-
-
-@dataclass
-class _Record:
-    """Kasmina's private bookkeeping for one seed."""
-
-    location: str
-    slot: SeedSlot
-    life: Lifecycle
-    blueprint_id: str | None = None
-    artifact_id: str | None = None
-    request_id: str | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    embargo_until: int = 0
-    failures: int = 0
-    health_at_decision: float = 1.0
-    epoch_started: int = 0
-    graft_step: int = 0
-    metric_without: float | None = None
-    metric_eval: float | None = None
-    recon_sse: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    recon_energy: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
-    anomaly: str | None = None
-    ft_snapshot: dict[str, Any] | None = None
-    history_start: int = 0
 
 
 class Kasmina:
@@ -103,8 +82,8 @@ class Kasmina:
         self.cache = cache if cache is not None else KernelCache()
         self.settings = settings if settings is not None else CompileSettings()
         self.clock = EpochClock()
-        self.seeds: dict[str, _Record] = {
-            loc: _Record(loc, slot, Lifecycle(loc, self.clock)) for loc, slot in model.iter_slots()
+        self.seeds: dict[str, SeedRecord] = {
+            loc: SeedRecord(loc, slot, Lifecycle(loc, self.clock)) for loc, slot in model.iter_slots()
         }
         self.reports: list[FieldReport] = []
         self.adaptations_this_epoch = 0
@@ -112,7 +91,7 @@ class Kasmina:
                                       "optimizer_restore": 0}
         self._seen_commands: set[str] = set()
         self.host_rollbacks = 0
-        self._ids = itertools.count()
+        self._next_request = 0
         self._extras: dict[str, Any] = {}
         self._new_host_params: list[list[nn.Parameter]] = []
         self._fossil_order: list[str] = []
@@ -188,7 +167,7 @@ class Kasmina:
                 r.graft_step += 1
                 r.slot.alpha = min(1.0, r.graft_step / self.cfg.graft_steps)
 
-    def _reconstruction_step(self, r: _Record) -> None:
+    def _reconstruction_step(self, r: SeedRecord) -> None:
         """One step of the TRAINING task: f(x) ≈ r* = -η·B·∂L/∂x on the captured activation (host untouched)."""
         slot = r.slot
         x, grad = slot.captured_x, slot.captured_grad
@@ -203,9 +182,11 @@ class Kasmina:
             return
         loss = (pred - target).pow(2).mean()
         if r.optimizer is not None:
-            r.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             r.optimizer.step()
+            # A gradient left here would be added to GRAFTING's first task-loss step (and a resumed run, whose
+            # checkpoint holds no gradients, would not add it).
+            r.optimizer.zero_grad(set_to_none=True)
         r.recon_sse += loss.detach().double()
         r.recon_energy += target.pow(2).mean().double()
 
@@ -240,7 +221,7 @@ class Kasmina:
             self.bus.publish("telemetry.seed.health", h)
         return health
 
-    def _advance(self, r: _Record, val_fn: Callable[[], float]) -> None:
+    def _advance(self, r: SeedRecord, val_fn: Callable[[], float]) -> None:
         state, cfg, slot = r.life.state, self.cfg, r.slot
         in_state = r.life.epochs_in_state()
         if state in ACTIVE and slot.failure is not None:
@@ -292,9 +273,8 @@ class Kasmina:
                              metric_after=metric)
         elif state in (S.CULLED, S.ROLLED_BACK) and self.clock.epoch >= r.embargo_until:
             r.life.transition(S.DORMANT, "embargo over")
-            r.anomaly = None
 
-    def _evaluate(self, r: _Record, val_fn: Callable[[], float]) -> None:
+    def _evaluate(self, r: SeedRecord, val_fn: Callable[[], float]) -> None:
         """A/B on the validation set with the host unchanged: the seed's contribution is the only difference."""
         r.life.transition(S.EVALUATING, "stabilized")
         with_seed = val_fn()
@@ -312,7 +292,7 @@ class Kasmina:
         else:
             self._finish(r, S.CULLED, f"val delta {delta:+.4f} < {self.cfg.min_delta}", metric_after=with_seed)
 
-    def _load(self, r: _Record) -> None:
+    def _load(self, r: SeedRecord) -> None:
         assert r.artifact_id is not None
         try:
             kernel = self.cache.get(r.artifact_id, self._load_artifact)
@@ -328,12 +308,12 @@ class Kasmina:
         record, payload = self.urza.kernel(artifact_id)
         return load_kernel(payload, record)
 
-    def _new_optimizer(self, r: _Record) -> None:
+    def _new_optimizer(self, r: SeedRecord) -> None:
         assert r.slot.kernel is not None
         params = [p for p in r.slot.kernel.parameters()]
         r.optimizer = torch.optim.Adam(params, lr=self.cfg.seed_lr) if params else None
 
-    def _fail(self, r: _Record, reason: str) -> None:
+    def _fail(self, r: SeedRecord, reason: str) -> None:
         if is_legal(r.life.state, S.CULLED):
             self._finish(r, S.CULLED, reason)
         else:
@@ -347,7 +327,7 @@ class Kasmina:
             if r.life.state in BLENDED:
                 self._finish(r, S.ROLLED_BACK, reason)
 
-    def _finish(self, r: _Record, outcome: Outcome, reason: str, metric_after: float | None = None) -> None:
+    def _finish(self, r: SeedRecord, outcome: Outcome, reason: str, metric_after: float | None = None) -> None:
         r.life.transition(outcome, reason)
         if outcome == S.FOSSILIZED:
             assert r.slot.kernel is not None
@@ -371,7 +351,7 @@ class Kasmina:
             )
         )
 
-    def _apply_mode(self, r: _Record) -> None:
+    def _apply_mode(self, r: SeedRecord) -> None:
         state, slot = r.life.state, r.slot
         slot.mode = _MODE.get(state, Mode.IDENTITY)
         slot.detach_input = state not in (S.FINE_TUNING, S.FOSSILIZED)
@@ -406,7 +386,8 @@ class Kasmina:
         r.blueprint_id, r.artifact_id = bp.blueprint_id, None
         r.health_at_decision, r.epoch_started = health, self.clock.epoch
         r.metric_without = r.metric_eval = None
-        r.request_id = f"{seed_id}/{next(self._ids)}"
+        r.request_id = f"{seed_id}/{self._next_request}"
+        self._next_request += 1
         self.bus.publish(
             "compilation.blueprint.submitted",
             CompilationRequest(request_id=r.request_id, blueprint_id=bp.blueprint_id, settings=self.settings),
@@ -471,24 +452,67 @@ class Kasmina:
             else:  # a seed fossilized since the snapshot added a param group: keep the current optimizer state
                 self.skipped["optimizer_restore"] += 1
 
-    def export_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Everything needed to resume at this boundary (see cambium.morph.resume)."""
-        from cambium.morph.resume import export_kasmina
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume at this boundary besides the wrapped model's and the host optimizer's state
+        dicts: plain values and tensors (loadable with `torch.load(weights_only=True)`). The last-known-good snapshot
+        is included because it is not the state at the checkpoint: it predates a boundary that saw an anomaly, and
+        it predates the host optimizer groups that fossilized seeds added after it was taken."""
+        return {
+            "epoch": self.clock.epoch, "seeds": {loc: r.state_dict() for loc, r in self.seeds.items()},
+            "good_loss": self._good_loss, "reports": [rep.model_dump(mode="json") for rep in self.reports],
+            "skipped": dict(self.skipped), "host_rollbacks": self.host_rollbacks,
+            "seen_commands": sorted(self._seen_commands), "next_request": self._next_request,
+            "fossil_order": list(self._fossil_order),
+            "ready": {key: val.model_dump(mode="json") for key, val in self._ready.items()},
+            "snapshot": self._snapshot,
+        }
 
-        return export_kasmina(self)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Put `state_dict()` back on a freshly assembled manager, before the wrapped model's `load_state_dict`.
 
-    def import_state(self, meta: dict[str, Any], tensors: dict[str, Any]) -> list[list[nn.Parameter]]:
-        """Restore `export_state` output onto a freshly wrapped model (see cambium.morph.resume)."""
-        from cambium.morph.resume import import_kasmina
+        Kernels are rebuilt from the library (hash-verified) so the model's state dict has somewhere to load their
+        parameters; compilations that were in flight are submitted again. Afterwards add `fossil_param_groups()` to
+        the host optimizer, then load its state.
+        """
+        if set(state["seeds"]) != set(self.seeds):
+            raise CheckpointError(f"the checkpoint has seeds {sorted(state['seeds'])} but the model has "
+                                  f"{sorted(self.seeds)}; resume with the run's own seeds.locations")
+        self.clock.epoch = int(state["epoch"])
+        self._good_loss = state["good_loss"]
+        self.reports = [parse(FieldReport, rep) for rep in state["reports"]]
+        self.skipped.update(state["skipped"])
+        self.host_rollbacks = int(state["host_rollbacks"])
+        self._seen_commands = set(state["seen_commands"])
+        self._next_request = int(state["next_request"])
+        self._fossil_order = list(state["fossil_order"])
+        self._ready = {key: parse(KernelReady, val) for key, val in state["ready"].items()}
+        self._snapshot = state["snapshot"]
+        for loc, saved in state["seeds"].items():
+            r = self.seeds[loc]
+            r.load_state_dict(saved)
+            r.slot.kernel, r.optimizer = None, None
+            if r.life.state in _MODE and r.artifact_id is not None:
+                r.slot.kernel = self.cache.get(r.artifact_id, self._load_artifact)
+                if r.life.state != S.FOSSILIZED:
+                    self._new_optimizer(r)
+                    if r.optimizer is not None and saved["optimizer"] is not None:
+                        r.optimizer.load_state_dict(saved["optimizer"])
+            self._apply_mode(r)
+            if r.life.state == S.GERMINATED and r.request_id not in self._ready:
+                assert r.blueprint_id is not None and r.request_id is not None
+                self.bus.publish(
+                    "compilation.blueprint.submitted",
+                    CompilationRequest(request_id=r.request_id, blueprint_id=r.blueprint_id, settings=self.settings),
+                )
+        frozen = self.host_frozen()
+        for p in self.host_parameters():
+            p.requires_grad_(not frozen)
 
-        return import_kasmina(self, meta, tensors)
-
-    def _next_id(self) -> int:
-        """Peek at the request-id counter without consuming it."""
-        value = next(self._ids)
-        self._ids = itertools.count(value)
-        return value
-
-    def resnapshot(self) -> None:
-        """Take the last-known-good snapshot now (after a resume has loaded every state)."""
-        self._snapshot = self._take_snapshot()
+    def fossil_param_groups(self) -> list[list[nn.Parameter]]:
+        """The fossilized kernels' parameters, one group per seed, in the order they joined the host optimizer."""
+        groups = []
+        for loc in self._fossil_order:
+            kernel = self.seeds[loc].slot.kernel
+            assert kernel is not None
+            groups.append(list(kernel.parameters()))
+        return groups

@@ -11,12 +11,12 @@ Layout of `LocalObjectStore(root)`: `root/objects/<sha[:2]>/<sha>`, written to a
 from __future__ import annotations
 
 import hashlib
-import os
 import threading
 from pathlib import Path
 from typing import Protocol
 
 from cambium.core.errors import DataError
+from cambium.core.files import atomic_write
 from cambium.morph.blueprints import make_blueprint
 from cambium.morph.contracts import Blueprint, BlueprintIR, BlueprintStatus, CompiledKernelArtifact, parse
 from cambium.morph.ir import infer_shapes, param_count
@@ -43,13 +43,6 @@ class MetadataStore(Protocol):
     def list_artifacts(self) -> list[CompiledKernelArtifact]: ...
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 class LocalObjectStore:
     """Bytes in a local directory, addressed by their sha256."""
 
@@ -65,7 +58,7 @@ class LocalObjectStore:
         sha = hashlib.sha256(data).hexdigest()
         path = self._path(sha)
         if not path.exists():
-            _atomic_write(path, data)
+            atomic_write(path, data)
         return sha
 
     def get(self, sha: str) -> bytes:
@@ -92,7 +85,7 @@ class JsonMetadataStore:
         self.root = Path(root)
 
     def put_blueprint(self, bp: Blueprint) -> None:
-        _atomic_write(self.root / "blueprints" / f"{bp.blueprint_id}.json", bp.model_dump_json(indent=1).encode())
+        atomic_write(self.root / "blueprints" / f"{bp.blueprint_id}.json", bp.model_dump_json(indent=1).encode())
 
     def get_blueprint(self, blueprint_id: str) -> Blueprint | None:
         path = self.root / "blueprints" / f"{blueprint_id}.json"
@@ -102,7 +95,7 @@ class JsonMetadataStore:
         return [parse(Blueprint, p.read_bytes()) for p in sorted((self.root / "blueprints").glob("*.json"))]
 
     def put_artifact(self, art: CompiledKernelArtifact) -> None:
-        _atomic_write(self.root / "kernels" / f"{art.artifact_id}.json", art.model_dump_json(indent=1).encode())
+        atomic_write(self.root / "kernels" / f"{art.artifact_id}.json", art.model_dump_json(indent=1).encode())
 
     def get_artifact(self, artifact_id: str) -> CompiledKernelArtifact | None:
         path = self.root / "kernels" / f"{artifact_id}.json"
