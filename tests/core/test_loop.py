@@ -82,3 +82,18 @@ def test_device_cuda_without_cuda_fails_with_one_line(command: list[str], tmp_pa
     reason = "CPU only" if system == "morph" else "no CUDA device"
     assert len(errors) == 1 and reason in errors[0] and "Traceback" not in proc.stderr, proc.stderr
     assert not list(tmp_path.iterdir()) or not any(p.is_dir() for p in tmp_path.iterdir())  # no run was created
+
+
+def test_count_training_flops_counts_a_copy_and_leaves_model_and_rng_alone() -> None:
+    from cambium.core.loop import count_training_flops
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4, bias=False), torch.nn.Dropout(0.5))
+    weight = model[0].weight.detach().clone()
+    x = torch.randn(16, 8)
+    state = torch.get_rng_state()
+    flops = count_training_flops(model, lambda m: m(x).square().sum())
+    # forward 2·16·8·4, backward only the weight's gradient (the input needs none): the same again
+    assert flops == 2 * (2 * 16 * 8 * 4)
+    assert torch.equal(torch.get_rng_state(), state)  # dropout in the probe drew from a forked RNG
+    assert model[0].weight.grad is None and torch.equal(model[0].weight, weight)

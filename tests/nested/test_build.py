@@ -91,3 +91,32 @@ def test_carry_memory_off_restarts_every_chunk_from_the_initial_memory(tiny_mixt
         losses[carry] = {r.step: r.value for r in read_metrics(result.run_dir / "metrics.duckdb") if r.name == "loss"}
     assert losses[True][1] == losses[False][1]  # the first chunk starts from the initial memory either way
     assert losses[True][2] != losses[False][2]
+
+
+def test_cli_resume_extends_a_finished_build_and_refuses_a_changed_model(tiny_mixture: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cambium.core.errors import ConfigError
+    from cambium.core.runs import get_run, list_runs
+    from cambium.nested.cli import app
+
+    runs = tmp_path / "runs"
+    base = ["--runs-dir", str(runs), "--no-prep"]
+    sets = [x for item in [*tiny_overrides(tiny_mixture), "build.steps=6", "build.warmup_steps=2", "build.threads=1",
+                           "build.eval_chunks=2"] for x in ("--set", item)]
+    first = CliRunner().invoke(app, ["build", "--config", str(TINY), *base, *sets])
+    assert first.exit_code == 0, first.output
+    (record,) = list_runs(runs)
+    before = [(r.step, r.name, r.value) for r in read_metrics(record.dir / "metrics.duckdb")
+              if r.name in ("loss", "lr")]
+    refused = CliRunner().invoke(app, ["build", "--resume", record.id, *base, "--set", "model.dim=32"])
+    assert isinstance(refused.exception, ConfigError) and "model.dim" in str(refused.exception)
+    assert get_run(runs, record.id).status == "finished"
+    longer = CliRunner().invoke(app, ["build", "--resume", record.id, *base, "--set", "build.max_steps=9"])
+    assert longer.exit_code == 0, longer.output
+    rows = [(r.step, r.name, r.value) for r in read_metrics(record.dir / "metrics.duckdb") if r.name in ("loss", "lr")]
+    assert [r for r in rows if r[0] <= 6] == before and max(r[0] for r in rows) == 9
+    # Past the schedule's end the learning rate stays at its floor (10 % of the peak).
+    floor = [v for s, n, v in rows if n == "lr" and s > 7]
+    assert len(floor) == 2 and floor == pytest.approx([0.1 * 3e-3] * 2)
+    assert get_run(runs, record.id).status == "finished"

@@ -12,9 +12,9 @@ then creates the run or reopens it. On resume the config given may differ from t
 marked `RESUME_SAFE` (train length, intervals, threads, device); anything else is refused with the key named, before
 the run is touched. `Session.fit` restores the latest checkpoint of the task (config fingerprint checked before any
 state is loaded), truncates the metric rows the lost future wrote, then steps: every `log_every` steps a metric row
-(plus `perf/…` wall-clock figures and MFU against the device's measured peak), every `eval_every` an evaluation,
-every `checkpoint_every` (and at the end) a checkpoint holding the task's states, every RNG state and the task's
-cursor; `keep_checkpoints` are kept.
+(with `perf/…` wall-clock figures and MFU: the task's FLOPs per step over the step time, against the device's
+measured peak), every `eval_every` an evaluation, every `checkpoint_every` (and at the end) a checkpoint holding the
+task's states, every RNG state and the task's cursor; `keep_checkpoints` are kept.
 
 A run of several phases (the world model) calls `fit` once per phase with a metric-step `offset` and a `phase` tag: a
 checkpoint belongs to the phase that wrote it, and a phase with none of its own starts afresh.
@@ -22,11 +22,13 @@ checkpoint belongs to the phase that wrote it, and a phase with none of its own 
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +37,8 @@ from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, Field, field_validator
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from cambium.core.checkpoint import CURSOR_FILE, Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from cambium.core.config import (
@@ -53,7 +57,8 @@ from cambium.core.progress import ProgressReporter, get_logger, progress
 from cambium.core.runs import Run, create_run, get_run, open_run, run_handle, update_config
 
 __all__ = [
-    "DeviceContext", "LoopConfig", "LoopResult", "Session", "Task", "load_run_config", "open_session",
+    "DeviceContext", "LoopConfig", "LoopResult", "Session", "Task", "count_training_flops", "load_run_config",
+    "open_session",
     "resolve_device",
 ]
 
@@ -145,7 +150,6 @@ class Task:
     events_per_step: int = 1
     event_unit: str = "events"
     progress_key: str = "loss"  # the metric the progress bar shows
-    flops_per_event: float | None = None  # model FLOPs per event (token, bar, image), for MFU
 
     def total_steps(self) -> int:
         raise NotImplementedError
@@ -158,6 +162,10 @@ class Task:
 
     def evaluate(self) -> dict[str, float]:
         return {}
+
+    def flops_per_step(self) -> float | None:
+        """Model FLOPs of one step, for MFU (None: not reported). See `count_training_flops`."""
+        return None
 
     def cursor(self) -> dict[str, Any]:
         return {}
@@ -187,6 +195,16 @@ class LoopResult:
     events: int
     final: dict[str, float] = field(default_factory=dict)
     total: int = 0
+
+
+def count_training_flops(model: nn.Module, loss_of: Callable[[nn.Module], torch.Tensor]) -> float:
+    """Matmul and convolution FLOPs of one forward and backward, `loss_of(model).backward()`, counted by torch's
+    FlopCounterMode on a copy of `model`: the model, its gradients and every RNG are left as they were."""
+    probe = copy.deepcopy(model)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+        loss_of(probe).backward()
+    return float(counter.get_total_flops())
 
 
 def load_run_config(model: type[M], runs_root: str | Path, *, config: Path | None, resume: str | None,
@@ -342,6 +360,7 @@ class Session:
             task.parallelize(self.dist)
         start = self._restore(task, offset, phase)
         end = total if stop_after is None else min(total, start + stop_after)
+        flops_per_step = task.flops_per_step() if self.peak is not None else None
         final: dict[str, float] = {}
         perf = f"perf/{prefix}"
         bar_ctx = progress(task.label, total=total, unit="step") if self.show_progress else nullcontext()
@@ -360,8 +379,8 @@ class Session:
                     rate = task.events_per_step / elapsed
                     values[f"{perf}step_ms"] = elapsed * 1e3
                     values[f"{perf}{task.event_unit}_per_s"] = rate
-                    if self.peak is not None and task.flops_per_event:
-                        values[f"{perf}mfu"] = self.peak.mfu(rate * task.flops_per_event)
+                    if self.peak is not None and flops_per_step:
+                        values[f"{perf}mfu"] = self.peak.mfu(flops_per_step / elapsed)
                     if done % cfg.eval_every == 0 or last:
                         values.update({f"{prefix}{k}": v for k, v in task.evaluate().items()})
                     self.metrics.log(offset + done, done * task.events_per_step, values)

@@ -85,9 +85,12 @@ class MoETask(Task):
                                     seed=cfg.train.seed)
         self.skipped = 0
         self.events_per_step = cfg.data.seq_len * cfg.data.batch_size
-        self.flops_per_event = flops_per_token(self.model, cfg.data.seq_len)
+        self.flops_per_token = flops_per_token(self.model, cfg.data.seq_len)
         self.bytes_per_token = self._bytes_per_token()
         self.steps_to_run = cfg.train.max_steps if cfg.train.max_steps is not None else self.total_steps()
+
+    def flops_per_step(self) -> float:
+        return self.flops_per_token * self.events_per_step
 
     def total_steps(self) -> int:
         s = self.cfg.schedule

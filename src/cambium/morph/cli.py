@@ -48,7 +48,8 @@ def train_command(
     else:
         assert config is not None
         name = config.stem + ("-static" if no_morphogenetic else "")
-    _print_summary(train(cfg, name=name, runs_root=runs_dir, resume=resume, reporter=ProgressReporter.from_env()))
+    _print_summary(train(cfg, name=name, runs_root=runs_dir, resume=resume, reporter=ProgressReporter.from_env(),
+                         measure_peak=True))
 
 
 @app.command("compare")

@@ -27,7 +27,7 @@ from torch import nn
 from cambium.core.checkpoint import Checkpoint
 from cambium.core.errors import CheckpointError
 from cambium.core.files import atomic_write
-from cambium.core.loop import Task, open_session
+from cambium.core.loop import Task, count_training_flops, open_session
 from cambium.core.progress import ProgressReporter, get_logger
 from cambium.core.schedule import CosineSchedule, LRScheduler
 from cambium.data.images import load_cifar10, normalize
@@ -116,6 +116,13 @@ class MorphTask(Task):
 
     def total_steps(self) -> int:
         return self.cfg.train.epochs
+
+    def flops_per_step(self) -> float:
+        """The host's training FLOPs over an epoch of full batches (seeds and validation left out)."""
+        x = torch.zeros(self.cfg.data.batch_size, *self.s.x_train.shape[1:])
+        y = torch.zeros(self.cfg.data.batch_size, dtype=torch.long)
+        per_batch = count_training_flops(self.host, lambda m: nn.functional.cross_entropy(m(x), y))
+        return per_batch * len(self.s.y_train) / self.cfg.data.batch_size
 
     def states(self) -> dict[str, Any]:
         state: dict[str, Any] = {"model": self.model, "optimizer": self.opt}
@@ -208,7 +215,7 @@ class MorphTask(Task):
 
 def train(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs", resume: str | None = None,
           stop_after: int | None = None, reporter: ProgressReporter | None = None,
-          show_progress: bool = True) -> dict[str, Any]:
+          show_progress: bool = True, measure_peak: bool = False) -> dict[str, Any]:
     """Run (or resume) a CIFAR-10 morph training; returns the report (also written to report.json).
 
     `stop_after` ends this invocation after that many more epochs (checkpointed; the run stays resumable). The
@@ -216,7 +223,7 @@ def train(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs", resume
     """
     splits = load_splits(cfg)
     with open_session(cfg, cfg.train, runs_root, system="morph", name=name, resume=resume, data_files=splits.files,
-                      reporter=reporter, show_progress=show_progress) as session:
+                      reporter=reporter, show_progress=show_progress, measure_peak=measure_peak) as session:
         task = MorphTask(cfg, splits, name)
         try:
             result = session.fit(task, stop_after=stop_after)

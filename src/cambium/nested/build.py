@@ -23,7 +23,7 @@ import torch
 from cambium.core.checkpoint import latest_checkpoint, load_checkpoint
 from cambium.core.config import load
 from cambium.core.errors import CheckpointError, ConfigError, DataError
-from cambium.core.loop import DeviceContext, LoopResult, Task, open_session, resolve_device
+from cambium.core.loop import DeviceContext, LoopResult, Task, count_training_flops, open_session, resolve_device
 from cambium.core.progress import ProgressReporter, get_logger
 from cambium.core.runs import get_run
 from cambium.core.schedule import CosineSchedule, LRScheduler
@@ -106,6 +106,16 @@ class BuildTask(Task):
     def total_steps(self) -> int:
         return self.cfg.build.steps
 
+    def flops_per_step(self) -> float:
+        c = self.cfg.context
+        tokens = torch.zeros(c.batch_size, c.seq_len + 1, dtype=torch.long, device=self.device.device)
+
+        def loss_of(model: torch.nn.Module) -> torch.Tensor:
+            logits, _, _ = model(tokens[:, :-1], None, None)
+            return lm_loss(logits, tokens[:, 1:])
+
+        return count_training_flops(self.model, loss_of)
+
     def states(self) -> dict[str, Any]:
         return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
                 "context_memory": self.memory}
@@ -149,11 +159,12 @@ class BuildTask(Task):
 
 
 def build(cfg: NestedConfig, runs_root: Path, *, resume: str | None = None, reporter: ProgressReporter | None = None,
-          show_progress: bool = True) -> LoopResult:
+          show_progress: bool = True, measure_peak: bool = False) -> LoopResult:
     """Build `cfg` in a new run under `runs_root`, or continue run `resume` from its latest checkpoint."""
     data_files = [d.path for d in cfg.context.mixture.datasets if d.path.is_file()]
     with open_session(cfg, cfg.build, runs_root, system="nested", name=cfg.name, resume=resume,
-                      data_files=data_files, reporter=reporter, show_progress=show_progress) as session:
+                      data_files=data_files, reporter=reporter, show_progress=show_progress,
+                      measure_peak=measure_peak) as session:
         result = session.fit(BuildTask(cfg, session.device))
         result.final = {k: v for k, v in result.final.items() if not k.startswith("perf/")}
         session.finish(result.final)

@@ -43,7 +43,7 @@ def build_command(
                           overrides=set_, device=device, section="build")
     if prep:
         _prepare_if_missing(cfg)
-    result = build(cfg, runs_dir, resume=resume, reporter=ProgressReporter.from_env())
+    result = build(cfg, runs_dir, resume=resume, reporter=ProgressReporter.from_env(), measure_peak=True)
     Console().print(f"run {result.run_id}: {result.steps} steps, {result.events:,} tokens; "
                     + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final.items())))
 

@@ -40,7 +40,7 @@ def pipeline_command(
     cfg = load_run_config(CONFIG_MODEL, runs_dir, config=config, resume=resume,
                           overrides=set_, device=device, section="pipeline")
     result = run_pipeline(cfg, runs_dir, resume=resume, start_phase=start_phase, stop_phase=stop_phase,
-                          reporter=ProgressReporter.from_env())
+                          reporter=ProgressReporter.from_env(), measure_peak=True)
     _print_result(result)
 
 

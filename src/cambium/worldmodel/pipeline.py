@@ -295,7 +295,7 @@ def _bar_ms(s: CandleSeries) -> int:
 
 def run_pipeline(cfg: WorldModelConfig, runs_root: Path, *, resume: str | None = None,
                  start_phase: int | None = None, stop_phase: int = 5, reporter: ProgressReporter | None = None,
-                 show_progress: bool = True) -> PipelineResult:
+                 show_progress: bool = True, measure_peak: bool = False) -> PipelineResult:
     """Run phases start_phase … stop_phase in a new run, or continue run `resume` (see the module docstring)."""
     if not 1 <= stop_phase <= 5 or (start_phase is not None and not 1 <= start_phase <= stop_phase):
         raise ConfigError(f"phases must satisfy 1 <= start_phase <= stop_phase <= 5; got start_phase={start_phase}, "
@@ -313,7 +313,8 @@ def run_pipeline(cfg: WorldModelConfig, runs_root: Path, *, resume: str | None =
         # Refused before the run is opened, so that its status stays as it was.
         raise RunError(f"run {resume} has not done phases {missing}; resume it with --start-phase {missing[0]}")
     with open_session(cfg, cfg.pipeline, runs_root, system="worldmodel", name=cfg.size, resume=resume,
-                      data_files=kline_files(cfg.data), reporter=reporter, show_progress=show_progress) as session:
+                      data_files=kline_files(cfg.data), reporter=reporter, show_progress=show_progress,
+                      measure_peak=measure_peak) as session:
         pipe = Pipeline(cfg, session, restart_phase=start_phase)
         if start > stop_phase:
             log.info("run %s: phases 1-%d already done", session.run.id, stop_phase)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from cambium.core.distributed import DistInfo
 from cambium.core.errors import ConfigError, DataError
-from cambium.core.loop import DeviceContext, Task
+from cambium.core.loop import DeviceContext, Task, count_training_flops
 from cambium.core.schedule import CosineSchedule, LRScheduler
 from cambium.worldmodel.config import TrainConfig
 from cambium.worldmodel.features import CandleBatch, clock_features
@@ -127,6 +127,11 @@ class TokenizerTask(_PhaseTask):
         self.bars = window_patches * model.cfg.patch_length
         self.events_per_step = self.bars * train.batch_size
 
+    def flops_per_step(self) -> float:
+        rows = len(range(self.train.batch_size)[self.shard])
+        return count_training_flops(self.model, lambda m: m(torch.randn(rows, self.bars, 5, device=self.device.device)
+                                                            .abs() + 1.0).loss)
+
     def train_step(self, step: int) -> dict[str, float]:
         """Optimizer step number `step` (0-based) -> {loss, grad_norm, lr} (lr used by this step)."""
         self.model.train()
@@ -166,6 +171,14 @@ class JEPATask(_PhaseTask):
         self.model: WorldModelJEPA = model
         self.batch_fn, self.holdout = batch_fn, holdout
         self.events_per_step = model.cfg.seq_len * model.tokenizer.cfg.patch_length * train.batch_size
+
+    def flops_per_step(self) -> float:
+        rows, n = len(range(self.train.batch_size)[self.shard]), self.model.cfg.seq_len
+        mask = block_mask(rows, n, self.model.cfg.masking, torch.Generator().manual_seed(0))
+        dev = self.device.device
+        indices = torch.zeros(rows, n, dtype=torch.long, device=dev)
+        clock = torch.zeros(rows, n, self.model.clock_dim, device=dev)
+        return count_training_flops(self.model, lambda m: m(indices, clock, mask.to(dev)).loss)
 
     def parallelize(self, dist: DistInfo) -> None:
         """Rows of the global batch and masks per rank, as Strate I; the model then computes the global batch's loss
