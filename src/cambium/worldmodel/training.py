@@ -178,7 +178,13 @@ class JEPATask(_PhaseTask):
         dev = self.device.device
         indices = torch.zeros(rows, n, dtype=torch.long, device=dev)
         clock = torch.zeros(rows, n, self.model.clock_dim, device=dev)
-        return count_training_flops(self.model, lambda m: m(indices, clock, mask.to(dev)).loss)
+
+        def loss_of(probe: nn.Module) -> Tensor:
+            assert isinstance(probe, WorldModelJEPA)
+            probe.data_parallel = False  # the count is this rank's own work: no collectives on one rank alone
+            return probe(indices, clock, mask.to(dev)).loss
+
+        return count_training_flops(self.model, loss_of)
 
     def parallelize(self, dist: DistInfo) -> None:
         """Rows of the global batch and masks per rank, as Strate I; the model then computes the global batch's loss
