@@ -150,3 +150,29 @@ def test_a_planned_key_is_refused_as_not_built_naming_it(tmp_path: Path) -> None
     # Only the planned keys themselves are "not built"; another unknown key stays unknown.
     with pytest.raises(ConfigError, match=r"part.levelz: unknown key \(known keys here: width\)"):
         load_data({"part": {"levelz": 1}}, WithPlanned)
+
+
+def test_an_integer_beyond_int64_is_refused_at_validation_naming_the_key(tmp_path: Path) -> None:
+    p = write(tmp_path, "")
+    big = "99999999999999999999999"
+    with pytest.raises(ConfigError, match=rf"model\.d_model={big}: integer out of range"):
+        load(p, Root, [f"model.d_model={big}"])
+    with pytest.raises(ConfigError, match=r"model\.dims\.1=.*out of range"):
+        load(p, Root, [f"model.dims=[1, -{big}]"])
+    bad = tmp_path / "big.toml"
+    bad.write_text(f"[model.moe]\ntop_k = {2**63}\n")
+    with pytest.raises(ConfigError, match=r"big\.toml: model\.moe\.top_k=.*out of range"):
+        load(bad, Root)
+    assert load(p, Root, [f"model.d_model={2**63 - 1}"]).model.d_model == 2**63 - 1
+
+
+def test_a_quoted_text_override_is_read_as_a_toml_string(tmp_path: Path) -> None:
+    p = write(tmp_path, "")
+    assert load(p, Root, ['name="out/x"']).name == "out/x"
+    assert load(p, Root, ["name='out/x'"]).name == "out/x"
+    assert load(p, Root, ['data="/tmp/x"']).data == Path("/tmp/x")
+    assert load(p, Root, ['mode="fast"']).mode == "fast"
+    assert load(p, Root, ['name="a\\"b"']).name == 'a"b'
+    assert load(p, Root, ["name=out/x"]).name == "out/x"  # unquoted text is taken as it is
+    with pytest.raises(ConfigError, match="starts with a quote must be one TOML string"):
+        load(p, Root, ['name="unterminated'])

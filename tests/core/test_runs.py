@@ -369,3 +369,111 @@ def test_a_run_still_alive_elsewhere_cannot_be_reopened(tmp_path: Path) -> None:
         proc.wait()
     assert open_run(tmp_path, run_id).id == run_id
     assert get_run(tmp_path, run_id).status == "running"
+
+
+_RESUMER = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from cambium.core.errors import RunError
+    from cambium.core.runs import open_run
+    root, run_id, go = sys.argv[1], sys.argv[2], Path(sys.argv[3])
+    print("ready", flush=True)
+    while not go.exists():
+        time.sleep(0.001)
+    try:
+        run = open_run(root, run_id)
+    except RunError as exc:
+        print("refused", exc, flush=True)
+        sys.exit(3)
+    print("resumed", flush=True)
+    time.sleep(3)  # hold the run as a trainer would
+    run.finish("finished")
+""")
+
+
+def test_two_simultaneous_resumes_of_one_run_one_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    run = create_run(tmp_path, system="s", name="n", config=Cfg(), seed=0)
+    run.finish("killed")
+    run.close()
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _RESUMER, str(tmp_path), run.id, str(go)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        go.touch()  # both race from here
+        outs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+    codes = sorted(proc.returncode for proc in procs)
+    assert codes == [0, 3], outs
+    winner = next(p for p in procs if p.returncode == 0)
+    refusal = next(out for p, (out, _) in zip(procs, outs, strict=True) if p.returncode == 3)
+    assert f"still running in process {winner.pid}" in refusal
+    assert len(refusal.strip().splitlines()) == 1
+    provenance = json.loads((run.dir / "provenance.json").read_text())
+    assert [r["pid"] for r in provenance["resumes"]] == [winner.pid]  # the refused one touched nothing
+
+
+def test_a_run_lock_is_held_until_close_and_reentrant_in_one_process(tmp_path: Path) -> None:
+    import fcntl
+
+    run = create_run(tmp_path, system="s", name="n", config=Cfg(), seed=0)
+    with open(run.dir / "run.lock") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    again = open_run(tmp_path, run.id)  # the same process may reopen its own run
+    again.close()
+    probe = textwrap.dedent(f"""
+        from cambium.core.errors import RunError
+        from cambium.core.runs import open_run
+        try:
+            open_run({str(tmp_path)!r}, {run.id!r}).close()
+            print("opened")
+        except RunError as exc:
+            print(exc)
+    """)
+
+    def other_process() -> str:
+        return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60).stdout
+
+    import os
+
+    assert f"still running in process {os.getpid()}" in other_process()
+    with run:
+        pass  # finished, lock released
+    assert other_process().strip() == "opened"
+
+
+def test_a_registry_row_with_bad_json_is_one_run_error_naming_the_file(tmp_path: Path) -> None:
+    run = create_run(tmp_path, system="s", name="n", config=Cfg(), seed=0)
+    run.finish("finished")
+    registry = tmp_path / "experiments.sqlite"
+    with sqlite3.connect(registry) as con:
+        con.execute("UPDATE runs SET summary = '{not json' WHERE id = ?", (run.id,))
+    for read in (lambda: get_run(tmp_path, run.id), lambda: list_runs(tmp_path)):
+        with pytest.raises(RunError, match=f"{registry}.*{run.id}.*damaged"):
+            read()
+    with sqlite3.connect(registry) as con:
+        con.execute("UPDATE runs SET summary = '[1, 2]' WHERE id = ?", (run.id,))
+    with pytest.raises(RunError, match="not a JSON object"):
+        get_run(tmp_path, run.id)
+    result = CliRunner().invoke(runs_app, ["ls", "--runs-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "damaged" in str(result.exception or result.output)
+
+
+def test_a_metrics_file_with_an_unexpected_table_is_one_data_error(tmp_path: Path) -> None:
+    import duckdb
+
+    from cambium.core.metrics import read_metrics
+
+    path = tmp_path / "metrics.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE metrics (x INTEGER)")
+    con.close()
+    with pytest.raises(DataError, match=f"{path}.*does not hold cambium's metrics table"):
+        read_metrics(path)
+    writer = MetricsWriter(path, "r")
+    writer.log(1, 1, {"loss": 1.0})
+    with pytest.raises(DataError, match="does not hold cambium's metrics table"):
+        writer.flush()

@@ -76,3 +76,35 @@ def test_hf_dataset_from_a_local_directory(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"not a dataset saved with datasets\.save_to_disk"):
         list(read_documents(tmp_path / "empty", "hf"))
+
+
+def test_a_hostile_batches_meta_is_one_data_error(tmp_path: Path) -> None:
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": __import__("os").getcwd}))
+    with pytest.raises(DataError, match=r"batches\.meta: not a CIFAR-10 python metadata.*not allowed"):
+        load_cifar10(tmp_path)
+    (tmp_path / "batches.meta").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(DataError, match=r"batches\.meta: not a CIFAR-10 python metadata"):
+        load_cifar10(tmp_path)
+    (tmp_path / "batches.meta").write_bytes(pickle.dumps({b"label_names": 5}))
+    with pytest.raises(DataError, match="label_names"):
+        load_cifar10(tmp_path)
+
+
+def test_a_small_pickle_cannot_expand_into_a_huge_batch(tmp_path: Path) -> None:
+    import numpy as np
+
+    (tmp_path / "batches.meta").write_bytes((CIFAR10_DIR / "batches.meta").read_bytes())
+    image = np.zeros(3072, dtype=np.uint8)
+    # 20,000 references to one image pickle to ~60 KB and would become 61 MB in np.asarray (the real case: 859 MB).
+    small = pickle.dumps({b"data": [image] * 20_000, b"labels": [0] * 20_000})
+    assert len(small) < 100_000
+    (tmp_path / "data_batch_1").write_bytes(small)
+    with pytest.raises(DataError, match=r"b'data' must be a uint8 array \[N, 3072\], got list"):
+        load_cifar10(tmp_path)
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                                          b"labels": [image, image]}))
+    with pytest.raises(DataError, match="b'labels' must be 2 integers"):
+        load_cifar10(tmp_path)
+    (tmp_path / "data_batch_1").write_bytes(pickle.dumps({b"data": np.zeros((2, 3072), np.uint8),
+                                                          b"labels": [1, 2]}))
+    assert load_cifar10(tmp_path).labels.tolist() == [1, 2]

@@ -129,3 +129,80 @@ def test_epochs_visit_every_window_once(tmp_path: Path) -> None:
     seen = sorted(tuple(loader.next_batch()[0].tolist()) for _ in range(n))
     expected = sorted(tuple(w.tolist()) for w in eval_windows(root, "s", seq_len=256))
     assert seen == expected and len(expected) == n and loader.epoch == [1]
+
+
+def small_spec(tmp_path: Path, source: Path) -> MixtureSpec:
+    return spec(tmp_path, datasets=[{"name": "s", "path": str(source), "val_fraction": 0.1}])
+
+
+def test_a_prepared_mixture_records_its_sources_and_a_changed_source_is_refused(tmp_path: Path) -> None:
+    from cambium.core.files import file_sha256
+    from cambium.data.mixture import ensure_mixture, mixture_staleness
+
+    source = tmp_path / "corpus.txt"
+    source.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    cfg = small_spec(tmp_path, source)
+    mixture = prepare_mixture(cfg)
+    assert mixture["datasets"][0]["sources"] == [
+        {"path": str(source.resolve()), "bytes": source.stat().st_size, "sha256": file_sha256(source)}]
+    assert mixture_staleness(cfg) is None
+    root = tmp_path / "mix"
+    MixtureLoader(root, seq_len=32, batch_size=4, seed=0)  # unchanged: accepted
+    with source.open("a", encoding="utf-8") as fh:
+        fh.write("\nA NEW SCENE, never tokenized.\n")
+    with pytest.raises(DataError, match=r"corpus\.txt.*changed since the mixture was prepared.*prepare the mixture "
+                       "again"):
+        MixtureLoader(root, seq_len=32, batch_size=4, seed=0)
+    with pytest.raises(DataError, match=r"prepared data is stale.*rebuild it with `cambium moe prep-mixture"):
+        ensure_mixture(cfg, rebuild=False)
+    ensure_mixture(cfg, rebuild=True)  # a new run rebuilds
+    assert mixture_staleness(cfg) is None
+    assert read_sources(root) == file_sha256(source)
+    MixtureLoader(root, seq_len=32, batch_size=4, seed=0)
+    other = small_spec(tmp_path, SHAKESPEARE)  # the config now names another file
+    assert "another data.mixture spec" in (mixture_staleness(other) or "")
+
+
+def read_sources(root: Path) -> str:
+    return str(json.loads((root / "mixture.json").read_text())["datasets"][0]["sources"][0]["sha256"])
+
+
+def test_a_tampered_loader_cursor_is_a_checkpoint_error_naming_the_key(tmp_path: Path) -> None:
+    from cambium.core.errors import CheckpointError
+
+    prepare_mixture(small_spec(tmp_path, SHAKESPEARE))
+    loader = MixtureLoader(tmp_path / "mix", seq_len=32, batch_size=4, seed=0)
+    good = json.loads(json.dumps(loader.state_dict()))
+    for key, value, match in [("position", 10**9, r"datasets\.s: position=1000000000 must be .* < \d+"),
+                              ("position", -1, r"datasets\.s: position=-1"),
+                              ("epoch", "x", r"datasets\.s: epoch='x'"),
+                              ("epoch", 2**70, r"datasets\.s: epoch=")]:
+        bad = json.loads(json.dumps(good))
+        bad["datasets"]["s"][key] = value
+        with pytest.raises(CheckpointError, match=match):
+            loader.load_state_dict(bad)
+    with pytest.raises(CheckpointError, match="batches"):
+        loader.load_state_dict({**good, "batches": -3})
+    with pytest.raises(CheckpointError, match="datasets"):
+        loader.load_state_dict({**good, "datasets": [1]})
+    loader.load_state_dict(good)
+
+
+def test_a_tampered_context_stream_cursor_is_a_checkpoint_error_naming_the_key(tmp_path: Path) -> None:
+    from cambium.core.errors import CheckpointError
+    from cambium.nested.stream import ContextStream
+
+    prepare_mixture(small_spec(tmp_path, SHAKESPEARE))
+    stream = ContextStream(tmp_path / "mix", seq_len=16, lanes=2)
+    stream.advance()
+    good = stream.state_dict()
+    for change, match in [({"consumed": -5, "steps": 0}, r"consumed=-5"),
+                          ({"steps": "1"}, r"steps='1'"),
+                          ({"consumed": 10**30, "steps": 1}, r"consumed=1000000000000000000000000000000"),
+                          ({"consumed": 17, "steps": 1}, r"consumed=17 must be steps \* seq_len")]:
+        with pytest.raises(CheckpointError, match=match):
+            stream.load_state_dict({**good, **change})
+    with pytest.raises(CheckpointError, match="expected a JSON object"):
+        stream.load_state_dict([])  # type: ignore[arg-type]
+    stream.load_state_dict(good)
+    assert stream.steps == 1

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -23,6 +24,13 @@ from .fake_binance import FakeBinance, futures_rows, spot_rows
 SPOT = ("BTCUSDT", "ETHUSDT")
 FUT = ("BTCUSDT", "ETHUSDT", "SOLUSDT", "XRPUSDT", "DOGEUSDT")
 EXINFO = "rest/fapi_v1_exchangeInfo_2021-07-22.json.gz"
+
+
+class TopOfRange(random.Random):
+    """A jitter source that always draws the top of the range, so back-off waits are their ceilings."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
 
 
 class FakeWall:
@@ -53,7 +61,7 @@ def fut(samples: Path) -> dict[str, list]:
 def _client(market: str, url: str, wall: FakeWall, **kw: object) -> RestClient:
     key = "spot_url" if market == "spot" else "futures_url"
     cfg = RestConfig.model_validate({key: url, **kw})
-    return RestClient(market, cfg, wall=wall, sleep=wall.sleep)
+    return RestClient(market, cfg, wall=wall, sleep=wall.sleep, rng=TopOfRange())
 
 
 def _download(client: RestClient, root: Path, symbols, rows, **kw):
@@ -74,7 +82,7 @@ def test_download_equals_committed_candles_through_429_5xx_and_malformed(samples
     assert report.pages == 20 and report.requests == 20 + len(faults)  # 10 pages of 1000 per symbol
     assert [i["status"] for i in report.incidents] == [429, 429]
     assert [w for w in client.slept if w[0] == "429"] == [("429", 7.0), ("429", 3.0)]
-    # 5xx and the malformed body are retried with exponential back-off: 1 s, then 1 s and 2 s in a row.
+    # 5xx and the malformed body are retried with exponential back-off: ceilings 1 s, then 1 s and 2 s in a row.
     assert [w for w in client.slept if w[0] == "retry"] == [("retry", 1.0), ("retry", 1.0), ("retry", 2.0)]
     assert client.budget_scale == 0.25  # halved on each 429
 
@@ -198,3 +206,17 @@ def test_cli_download_killed_mid_run_and_restarted_is_identical(spot, tmp_path) 
     for s in SPOT:
         a, b = (CandleStore(tmp_path / d, "spot").path(s, "1h").read_bytes() for d in ("full", "killed"))
         assert a == b
+
+
+def test_retry_back_off_has_full_jitter_so_parallel_clients_do_not_retry_in_lockstep() -> None:
+    """Issue 14: the REST client used a fixed base·2ⁿ; it now draws U(0, min(cap, base·2ⁿ)) like the connector."""
+    cfg = RestConfig(backoff_base_s=1.0, backoff_cap_s=8.0)
+    waits = []
+    for seed in (1, 2):
+        client = RestClient("spot", cfg, rng=random.Random(seed))
+        waits.append([client._backoff(n) for n in range(6)])
+        client.close()
+    assert waits[0] != waits[1]
+    for w in waits:
+        assert all(0.0 <= x <= min(8.0, 2.0**n) for n, x in enumerate(w))
+    assert len(set(waits[0])) == 6  # not a fixed schedule

@@ -130,3 +130,86 @@ def test_resume_refuses_a_checkpoint_of_another_config_before_loading_it(mixture
                  reporter=ProgressReporter(None), show_progress=False, peak=None) as session, \
             pytest.raises(CheckpointError, match="another config"):
         session.fit(MoETask(wide, device))
+
+
+def _tamper_cursor(ckpt: Path, edit: object) -> None:
+    """Edit a checkpoint's cursor.json and re-sign it in meta.json (as a deliberate tamperer would)."""
+    import json
+
+    from cambium.core.files import file_sha256
+
+    cursor_path = ckpt / "cursor.json"
+    cursor = json.loads(cursor_path.read_text())
+    edit(cursor)  # type: ignore[operator]
+    cursor_path.write_text(json.dumps(cursor))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    meta["files"]["cursor.json"] = {"bytes": cursor_path.stat().st_size, "sha256": file_sha256(cursor_path)}
+    (ckpt / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_tampered_cursor_json_is_one_checkpoint_error_naming_the_file_and_key(mixture_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    from cambium.core.errors import CheckpointError
+
+    cfg = tiny(mixture_dir, "train.max_steps=10", "train.eval_every=100")
+    result = train(cfg, tmp_path / "runs", show_progress=False, measure_peak=False)
+    ckpt = sorted((result.run_dir / "checkpoints").glob("step_*"))[-1]
+
+    def far_position(cursor: dict) -> None:  # type: ignore[type-arg]
+        for dataset in cursor["task"]["loader"]["datasets"].values():
+            dataset["position"] = 10**12
+
+    _tamper_cursor(ckpt, far_position)
+    longer = tiny(mixture_dir, "train.max_steps=12", "train.eval_every=100")
+    with pytest.raises(CheckpointError, match=r"cursor\.json: data cursor: datasets\.\w+: position=1000000000000"):
+        train(longer, tmp_path / "runs", resume=result.run_id, show_progress=False, measure_peak=False)
+    _tamper_cursor(ckpt, lambda cursor: cursor.update(loop_step="ten"))
+    with pytest.raises(CheckpointError, match=r"cursor\.json: loop_step='ten'"):
+        train(longer, tmp_path / "runs", resume=result.run_id, show_progress=False, measure_peak=False)
+
+
+def test_a_non_utf8_prompt_is_one_line(tmp_path: Path) -> None:
+    from cambium.core.errors import DataError
+
+    prompt = b"ROMEO\xff:".decode("utf-8", "surrogateescape")  # how Python hands over non-UTF-8 argv bytes
+    with pytest.raises(DataError, match="--prompt is not UTF-8 text \\(byte 0xff at character 5\\)"):
+        sample_text(tmp_path / "runs", "no-such-run", prompt, 5)
+
+
+def test_an_integer_beyond_int64_is_refused_when_the_config_is_loaded() -> None:
+    from cambium.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.dim=99999999999999999999999: integer out of range"):
+        load(TINY, MoEConfig, ["model.dim=99999999999999999999999"])
+
+
+def test_train_cli_rebuilds_stale_data_for_a_new_run_and_refuses_it_on_resume(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cambium.core.errors import DataError
+    from cambium.moe.cli import app
+
+    source = tmp_path / "corpus.txt"
+    source.write_text((REPO / "data/samples/text/tinyshakespeare/input.txt").read_text()[:200_000])
+    toml = tmp_path / "tiny.toml"
+    text = TINY.read_text()
+    toml.write_text(text)
+    sets = [f"data.mixture.out_dir={tmp_path / 'mix'}", f"data.mixture.datasets=[{{name = 'shakespeare', path = "
+            f"'{source}', val_fraction = 0.1}}]", "train.max_steps=2", "train.eval_every=100", "train.threads=1"]
+    args = ["train", "--config", str(toml), "--runs-dir", str(tmp_path / "runs"), "--no-prep"]
+    cli = CliRunner()
+    for s in sets:
+        args += ["--set", s]
+    first = cli.invoke(app, [a for a in args if a != "--no-prep"])
+    assert first.exit_code == 0, first.output
+    from cambium.core.runs import list_runs
+
+    (run_id,) = [r.id for r in list_runs(tmp_path / "runs")]
+    with source.open("a") as fh:
+        fh.write("\nNEW LINES NEVER TOKENIZED\n")
+    resumed = cli.invoke(app, ["train", "--runs-dir", str(tmp_path / "runs"), "--resume", run_id,
+                               "--set", "train.max_steps=3"])
+    assert isinstance(resumed.exception, DataError), resumed.output
+    assert "prepared data is stale" in str(resumed.exception) and "prep-mixture" in str(resumed.exception)
+    fresh = cli.invoke(app, [a for a in args if a != "--no-prep"])
+    assert fresh.exit_code == 0, fresh.output

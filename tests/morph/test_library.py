@@ -3,15 +3,22 @@ Urabrask's measurements."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import pickle
 import threading
+from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cambium.morph.bus import InProcessBus
 from cambium.morph.cache import KernelCache, module_bytes
-from cambium.morph.compiler import Tezzeret, load_kernel
-from cambium.morph.contracts import CompileSettings, KernelStatus
+from cambium.morph.compiler import Tezzeret, load_kernel, serialize
+from cambium.morph.contracts import CompiledKernelArtifact, CompileSettings, KernelStatus
 from cambium.morph.kernel_bench import tags_for
 from cambium.morph.library import ArtifactError, Urza
 
@@ -121,3 +128,67 @@ def test_failed_compile_is_reported_not_raised(urza):
         assert tz.failed == 1
     finally:
         tz.close()
+
+
+class _Exploit:
+    """A pickle that would create `marker` when unpickled."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.touch, (self.marker,))
+
+
+def _store_raw(urza: Urza, payload: bytes, like: CompiledKernelArtifact) -> CompiledKernelArtifact:
+    record = like.model_copy(update={"artifact_id": hashlib.sha256(payload).hexdigest(), "payload_bytes": len(payload)})
+    return urza.store_kernel(payload, record)
+
+
+def test_kernel_payload_is_safetensors_and_pickles_are_refused(urza, tmp_path):
+    """Issue 14: kernels travel (S3 at scale), so their payload is safetensors; a pickled one, even one that is
+    harmless under `weights_only=True`, is refused in one line and never unpickled."""
+    bp = urza.template("low_rank_adapter", ("B", 8))
+    tz = Tezzeret(urza)
+    art = tz.compile(bp.blueprint_id, CompileSettings(init_seed=3))
+    _, payload = urza.kernel(art.artifact_id)
+    tensors = safetensors.torch.load(payload)  # a plain safetensors file, readable by any safetensors reader
+    kernel = load_kernel(payload, art)
+    assert set(tensors) == set(kernel.state_dict())
+    assert all(torch.equal(tensors[k], v) for k, v in kernel.state_dict().items())
+    assert serialize(bp.ir, art.settings, kernel) == payload  # deterministic: the payload's sha256 is its address
+
+    marker = tmp_path / "pwned"
+    old = io.BytesIO()  # the pre-safetensors format, which `torch.load(weights_only=True)` would accept
+    torch.save({"format": "cambium.morph.kernel/1", "ir": bp.ir.model_dump_json(),
+                "settings": art.settings.model_dump_json(), "state": dict(kernel.state_dict())}, old)
+    for hostile in (old.getvalue(), pickle.dumps({"state": _Exploit(marker)})):
+        record = _store_raw(urza, hostile, art)
+        with pytest.raises(ArtifactError, match=r"not a cambium\.morph\.kernel/2 safetensors payload") as exc:
+            load_kernel(urza.kernel(record.artifact_id)[1], record)
+        assert "\n" not in str(exc.value)
+    assert not marker.exists()
+    tz.close()
+
+
+def test_kernel_stored_in_the_old_format_is_compiled_again(urza, tmp_path):
+    settings = CompileSettings(init_seed=4)
+    elsewhere = Urza.local(tmp_path / "elsewhere")
+    fresh = Tezzeret(elsewhere).compile(elsewhere.template("low_rank_adapter", ("B", 8)).blueprint_id, settings)
+    bp = urza.template("low_rank_adapter", ("B", 8))
+    stale = _store_raw(urza, pickle.dumps({"format": "cambium.morph.kernel/1"}), fresh)
+    tz = Tezzeret(urza)
+    again = tz.compile(bp.blueprint_id, settings)
+    tz.close()
+    assert again.artifact_id == fresh.artifact_id != stale.artifact_id  # compiled again, the stale record not reused
+    assert isinstance(load_kernel(urza.kernel(again.artifact_id)[1], again), torch.nn.Module)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 2**64 - 1))
+def test_hostile_payload_bytes_give_one_line(body: bytes, prefix: int) -> None:
+    record = CompiledKernelArtifact.model_construct(artifact_id="0" * 64, ir_hash="0" * 64)
+    for payload in (body, prefix.to_bytes(8, "little") + body):
+        with pytest.raises(ArtifactError) as exc:
+            load_kernel(payload, record)
+        assert "\n" not in str(exc.value)

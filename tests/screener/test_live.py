@@ -79,7 +79,8 @@ def test_live_path_serves_status_page_and_metrics() -> None:
     for name in ("cambium_screener_messages_total", "cambium_screener_e2e_latency_seconds_bucket",
                  "cambium_screener_reconnects_total", "cambium_screener_malformed_frames_total",
                  "cambium_screener_stale_ms", "cambium_screener_event_lag_seconds", "cambium_screener_incidents_total",
-                 "cambium_screener_dropped_events_total", "cambium_screener_messages_per_second"):
+                 "cambium_screener_dropped_events_total", "cambium_screener_messages_per_second",
+                 "cambium_screener_malformed_events_total"):
         assert name in text, name
 
 
@@ -124,7 +125,7 @@ def test_gc_freeze_holds_for_the_run_only_and_every_frame_is_probed() -> None:
                                     2_000))
     frozen_during: dict[bool, set[int]] = {}
     for freeze in (True, False):
-        cfg = load(CONFIG, ScreenerConfig, [f"live.gc_freeze={str(freeze).lower()}"])
+        cfg = load(CONFIG, ScreenerConfig, [f"live.gc_freeze={str(freeze).lower()}", "live.depth_snapshots=false"])
         counts: set[int] = set()
         frames: list[int] = []
 

@@ -67,3 +67,13 @@ def test_inconsistent_values_name_the_fields():
         load(CONFIGS / "tiny.toml", CONFIG_MODEL, ["jepa.masking.block_size_min=9"])
     with pytest.raises(ConfigError, match="fsq_levels"):
         load(CONFIGS / "tiny.toml", CONFIG_MODEL, ["tokenizer.fsq_levels=[8, 1]"])
+
+
+def test_a_huge_tokenizer_depth_is_refused_at_once() -> None:
+    """Found by tests/core/test_config_fuzz.py: the receptive-field check summed dilation_base**i over n_layers, so a
+    huge n_layers hung validation (pytest-timeout ends a hang)."""
+    with pytest.raises(ConfigError, match=r"tokenizer\.n_layers"):
+        load(CONFIGS / "tiny.toml", CONFIG_MODEL, ["tokenizer.n_layers=10000000000"])
+    # The check stops once the patch is covered: a deep stack with a large dilation base validates at once.
+    deep = load(CONFIGS / "tiny.toml", CONFIG_MODEL, ["tokenizer.n_layers=64", "tokenizer.dilation_base=1000000"])
+    assert deep.tokenizer.n_layers == 64

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from cambium.core.config import load
 from cambium.core.errors import ConfigError, RunError
@@ -51,8 +52,8 @@ def test_every_phase_writes_its_files_and_metrics(finished) -> None:
     record = get_run(root, result.run_id)
     assert record.system == "worldmodel" and record.status == "finished"
     d = result.run_dir
-    for name in ("tokenizer.pt", "jepa.pt", "data/import.json", "codes/index.json", "report/report.md",
-                 "report/probe.json", "report/reconstructions.png", "report/codebook_usage.png",
+    for name in ("tokenizer.safetensors", "jepa.safetensors", "data/import.json", "codes/index.json",
+                 "report/report.md", "report/probe.json", "report/reconstructions.png", "report/codebook_usage.png",
                  "report/training_curves.png"):
         assert (d / name).is_file(), name
     assert (d / "report" / "codebook_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -101,7 +102,7 @@ def test_phase_selection(tmp_path: Path) -> None:
         run_pipeline(cfg, tmp_path, start_phase=3, show_progress=False)
     first = run_pipeline(cfg, tmp_path, stop_phase=2, show_progress=False)
     assert first.phases_done == [1, 2]
-    assert (first.run_dir / "tokenizer.pt").is_file() and not (first.run_dir / "codes").exists()
+    assert (first.run_dir / "tokenizer.safetensors").is_file() and not (first.run_dir / "codes").exists()
     with pytest.raises(RunError, match="has not done phases \\[3\\]"):
         run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=4, show_progress=False)
     second = run_pipeline(cfg, tmp_path, resume=first.run_id, stop_phase=3, show_progress=False)
@@ -169,3 +170,36 @@ def test_resume_raises_strate2_steps_of_a_finished_run_and_refuses_a_changed_mod
     assert [(r.step, r.name, r.value) for r in rows if r.step < steps[4][0] + 8
             and not r.name.startswith(("perf/", "jepa/holdout"))] == kept
     assert get_run(run_dir, result.run_id).status == "finished"
+
+
+def test_intermediates_edited_between_phases_are_refused_naming_the_file(tmp_path: Path) -> None:
+    from cambium.core.errors import DataError
+
+    torch.set_num_threads(1)
+    cfg = micro_cfg("train_jepa.steps=2")
+    first = run_pipeline(cfg, tmp_path, stop_phase=3, show_progress=False)
+    phases = json.loads((first.run_dir / "phases.json").read_text())
+    assert set(phases["hashes"]) == {"data/import.json", "tokenizer.safetensors", "codes/index.json"}
+    index = json.loads((first.run_dir / "codes" / "index.json").read_text())
+    code_file = first.run_dir / "codes" / index["segments"][0]["file"]
+    original = code_file.read_bytes()
+    codes = np.load(code_file)
+    codes[0] = (codes[0] + 1) % 7  # a valid file with one code changed
+    np.save(code_file, codes)
+    with pytest.raises(DataError, match=rf"{code_file.name}: does not match its sha256.*--start-phase 3"):
+        run_pipeline(cfg, tmp_path, resume=first.run_id, show_progress=False)
+    code_file.write_bytes(original)
+    index_path = first.run_dir / "codes" / "index.json"
+    for entry in index["segments"]:
+        entry.pop("sha256")  # hiding the edit from the index is caught by phases.json
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(DataError, match=r"index\.json: sha256 \w+ differs from \w+ in phases\.json.*--start-phase 3"):
+        run_pipeline(cfg, tmp_path, resume=first.run_id, show_progress=False)
+    state = load_file(first.run_dir / "tokenizer.safetensors")
+    key = next(iter(state))
+    state[key] = state[key] + 1
+    save_file(state, first.run_dir / "tokenizer.safetensors")
+    with pytest.raises(DataError, match=r"tokenizer\.safetensors: sha256 .*--start-phase 2"):
+        run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=3, show_progress=False)
+    redone = run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=2, show_progress=False)
+    assert redone.phases_done == [1, 2, 3, 4, 5]

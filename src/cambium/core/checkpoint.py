@@ -39,6 +39,7 @@ __all__ = [
     "Checkpoint",
     "capture_rng",
     "checkpoint_path",
+    "cursor_int",
     "keep_last",
     "latest_checkpoint",
     "list_checkpoints",
@@ -342,3 +343,21 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def cursor_int(state: Any, key: str, *, low: int = 0, high: int | None = None, where: str = "data cursor") -> int:
+    """`state[key]` of a data cursor read back from cursor.json, checked to be an integer in [low, high).
+
+    A cursor is a file on disk: a tampered or damaged one is refused here with the key named (CheckpointError), before
+    it can index out of range or seed an RNG with a negative number.
+    """
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{where}: expected a JSON object holding {key!r}, got {type(state).__name__}")
+    if key not in state:
+        raise CheckpointError(f"{where}: {key!r} is missing")
+    value = state[key]
+    top = 2**63 if high is None else high
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < top:
+        bound = f"< {high}" if high is not None else "< 2**63"
+        raise CheckpointError(f"{where}: {key}={value!r} must be an integer >= {low} and {bound}")
+    return value

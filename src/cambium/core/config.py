@@ -7,7 +7,11 @@ unknown keys are rejected. Errors name the dotted path, the offending value and 
 ``configs/moe/tiny.toml: model.moe.top_k=9: must be <= n_routed_experts=8``.
 
 `--set a.b=c` overrides are typed by the model: where the field is a string (or a path, or a string enum) the text is
-taken as it is; otherwise it is parsed as a TOML value (`3`, `1e-3`, `true`, `[1, 2]`, `"text"`).
+taken as it is, unless it starts with a quote, when it is read as a TOML string (`out/x` and `"out/x"` are the same);
+otherwise it is parsed as a TOML value (`3`, `1e-3`, `true`, `[1, 2]`, `"text"`).
+
+Every integer, wherever it sits in a config, must fit in 64 bits (TOML's own range): a larger one would pass pydantic
+and overflow later in numpy or torch, so `validate` refuses it with its key.
 """
 
 from __future__ import annotations
@@ -78,10 +82,30 @@ def validate(data: dict[str, Any], model: type[M], overrides: Sequence[str] = ()
     data = _deepcopy_tables(data)
     for path, value in parse_overrides(overrides, model):
         _set_path(data, path, value)
+    _check_int64(data, [], source)
     try:
         return model.model_validate_json(json.dumps(data, default=str))
     except ValidationError as exc:
         raise ConfigError(f"{source}: " + "; ".join(_describe(err, model) for err in exc.errors())) from None
+    except ValueError as exc:  # e.g. JSON nesting deeper than the parser allows
+        raise ConfigError(f"{source}: cannot validate the config: {exc}") from None
+
+
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _check_int64(value: Any, path: list[str], source: str) -> None:
+    """Refuse an integer outside int64 anywhere in the raw data (TOML integers are 64-bit)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_int64(item, [*path, str(key)], source)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _check_int64(item, [*path, str(index)], source)
+    elif isinstance(value, int) and not isinstance(value, bool) and not _INT64[0] <= value <= _INT64[1]:
+        text = str(value) if len(str(value)) <= 40 else f"{str(value)[:37]}..."
+        raise ConfigError(f"{source}: {'.'.join(path) or '<root>'}={text}: integer out of range (must fit in 64 bits, "
+                          f"{_INT64[0]} to {_INT64[1]})")
 
 
 def parse_overrides(overrides: Iterable[str], model: type[BaseModel]) -> list[tuple[list[str], Any]]:
@@ -95,7 +119,7 @@ def parse_overrides(overrides: Iterable[str], model: type[BaseModel]) -> list[tu
         path = key.split(".")
         annotation = _annotation_at(model, path)
         if _takes_text(annotation):
-            value: Any = raw
+            value: Any = _parse_text(key, raw)
         elif bool in _unwrap(annotation) and raw.strip().lower() in ("true", "false"):
             value = raw.strip().lower() == "true"  # TOML spells booleans in lower case; `True` is meant the same
         else:
@@ -202,6 +226,20 @@ def _set_path(data: dict[str, Any], path: list[str], value: Any) -> None:
             raise ConfigError(f"override {'.'.join(path)}: {part!r} holds a value, not a table")
         node = child
     node[path[-1]] = value
+
+
+def _parse_text(key: str, raw: str) -> str:
+    """The value of a text field: as it is, or a TOML string when it starts with a quote (`"out/x"` is `out/x`)."""
+    if not raw.strip().startswith(('"', "'")):
+        return raw
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"override {key}={raw}: a value that starts with a quote must be one TOML string "
+                          f"({exc}); drop the quotes to pass the text as it is") from None
+    if not isinstance(value, str):  # pragma: no cover - a quoted TOML value is a string
+        raise ConfigError(f"override {key}={raw}: not a string")
+    return value
 
 
 def _parse_toml_value(raw: str) -> Any:

@@ -51,7 +51,7 @@ from cambium.core.config import (
 )
 from cambium.core.distributed import DistInfo, barrier, init_distributed, teardown
 from cambium.core.doctor import DevicePeak, load_or_measure_peak
-from cambium.core.errors import CheckpointError, ConfigError
+from cambium.core.errors import CheckpointError, ConfigError, DataError
 from cambium.core.metrics import MetricsWriter
 from cambium.core.progress import ProgressReporter, get_logger, progress
 from cambium.core.runs import Run, create_run, get_run, open_run, run_handle, update_config
@@ -330,8 +330,18 @@ class Session:
         # Before any state is loaded: another config's tensors would fail on shapes with a less useful message.
         if ckpt.data_cursor.get("config_fingerprint") != self.fingerprint:
             raise CheckpointError(f"{ckpt.path} was written with another config; resume with the run's own config")
-        task.restore(ckpt)
-        start = int(ckpt.data_cursor["loop_step"])
+        cursor_file = ckpt.path / CURSOR_FILE
+        start = ckpt.data_cursor.get("loop_step")
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < 2**63:
+            raise CheckpointError(f"{cursor_file}: loop_step={start!r} is not a step count")
+        try:
+            task.restore(ckpt)
+        except (DataError, CheckpointError) as exc:
+            # The loaders name the key; the file is only known here.
+            raise CheckpointError(f"{cursor_file}: {exc}" if str(ckpt.path) not in str(exc) else str(exc)) from None
+        except (KeyError, IndexError, TypeError) as exc:
+            raise CheckpointError(f"{cursor_file}: the task's cursor does not fit this run "
+                                  f"({type(exc).__name__}: {exc})") from None
         # Rows and checkpoints after this one belong to the lost future (or to later phases) and are made again.
         self.forget_from(offset + start)
         log.info("resumed %s%s at step %d", self.run.id, f" ({phase})" if phase else "", start)

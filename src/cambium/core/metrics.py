@@ -252,5 +252,9 @@ def _with_connection(path: Path, read_only: bool, work: Callable[[duckdb.DuckDBP
             return work(con)
         except duckdb.CatalogException as exc:
             raise DataError(f"metrics file {str(path)!r} has no metrics table: {exc}") from None
+        except duckdb.Error as exc:
+            # A `metrics` table of another shape, or a file some other tool wrote.
+            raise DataError(f"metrics file {str(path)!r} does not hold cambium's metrics table "
+                            f"(run_id, step, tokens_or_events, name, value, wall_time): {exc}") from None
         finally:
             con.close()

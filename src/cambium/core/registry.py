@@ -183,9 +183,15 @@ class SQLiteRegistry(RunRegistry):
         return (r.id, r.system, r.name, r.status, r.created, r.updated, r.fingerprint, str(r.dir),
                 json.dumps(r.summary, sort_keys=True, default=str), r.host, r.pid, r.pid_started)
 
-    @staticmethod
-    def _from_row(row: tuple[Any, ...]) -> RunRecord:
+    def _from_row(self, row: tuple[Any, ...]) -> RunRecord:
         (id_, system, name, status, created, updated, fp, dir_, summary, host, pid, pid_started) = row
-        return RunRecord(id=id_, system=system, name=name, status=status, created=created, updated=updated,
-                         fingerprint=fp, dir=Path(dir_), summary=json.loads(summary), host=host, pid=int(pid),
-                         pid_started=float(pid_started))
+        try:
+            summary_value = json.loads(summary)
+            if not isinstance(summary_value, dict):
+                raise ValueError(f"summary {summary!r} is not a JSON object")
+            return RunRecord(id=id_, system=system, name=name, status=status, created=created, updated=updated,
+                             fingerprint=fp, dir=Path(dir_), summary=summary_value, host=host, pid=int(pid),
+                             pid_started=float(pid_started))
+        except (TypeError, ValueError) as exc:
+            raise RunError(f"run registry {str(self.path)!r}: the row of run {id_!r} is damaged ({exc}); "
+                           "fix or delete that row") from None

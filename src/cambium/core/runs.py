@@ -14,10 +14,15 @@ UTC time, the system, the config name and four random hex digits.
 The registry is `cambium.core.registry` (all SQL in `SQLiteRegistry`, behind the `RunRegistry` interface). A run
 killed with SIGKILL cannot mark itself: `list_runs`/`get_run` report a "running" run whose process is gone (same
 host, pid no longer alive or reused) as "killed".
+
+The process that trains a run holds an exclusive `fcntl.flock` on `<run_dir>/run.lock` (the file holds its pid) from
+`create_run`/`open_run` until the `Run` is closed or the process ends, so two resumes of one run cannot both go on:
+the second is refused with the holder's pid. The kernel drops the lock of a dead process, SIGKILL included.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import platform
@@ -27,6 +32,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
@@ -34,7 +40,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import psutil
 from pydantic import BaseModel
@@ -45,6 +51,7 @@ from cambium.core.files import atomic_write, file_sha256
 from cambium.core.registry import RunRecord, RunRegistry, SQLiteRegistry
 
 __all__ = [
+    "LOCK_FILE",
     "REGISTRY_FILE",
     "STATUSES",
     "Run",
@@ -59,6 +66,7 @@ __all__ = [
 ]
 
 REGISTRY_FILE = "experiments.sqlite"
+LOCK_FILE = "run.lock"
 STATUSES = ("running", "finished", "failed", "killed")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSIONED_PACKAGES = ("cambium", "torch", "numpy", "pydantic", "duckdb", "pyarrow", "typer")
@@ -75,6 +83,7 @@ class Run:
     name: str
     seed: int
     registry: RunRegistry
+    lock: RunLock | None = None
 
     @property
     def config_path(self) -> Path:
@@ -95,20 +104,92 @@ class Run:
     def finish(self, status: str = "finished", summary: Mapping[str, Any] | None = None) -> None:
         _set_status(self.registry, self.id, status, summary)
 
+    def close(self) -> None:
+        """Release the run's lock (another process may then resume it)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        record = self.registry.get(self.id)
-        if record is None or record.status != "running":
+        try:
+            record = self.registry.get(self.id)
+            if record is None or record.status != "running":
+                return
+            if exc_type is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
+                self.finish("finished")
+            elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
+                self.finish("killed", {"error": repr(exc)})
+            else:
+                self.finish("failed", {"error": repr(exc)})
+        finally:
+            self.close()
+
+
+class RunLock:
+    """An exclusive `flock` on `<run_dir>/run.lock`, held by one process (re-entrant within it) until released.
+
+    flock locks belong to an open file, so a second open in the same process would conflict with the first: the
+    process keeps one open file per lock file (by inode, so a moved runs directory is the same lock) and counts its
+    holders.
+    """
+
+    _held: ClassVar[dict[tuple[int, int], tuple[int, int]]] = {}  # (dev, inode) -> (fd, holders) in this process
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._released = False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            stat = os.fstat(fd)
+        except OSError as exc:
+            raise RunError(f"cannot open the lock file {str(path)!r} of run {path.parent.name!r}: {exc}") from None
+        self._key = (stat.st_dev, stat.st_ino)
+        held = RunLock._held.get(self._key)
+        if held is not None:
+            os.close(fd)
+            RunLock._held[self._key] = (held[0], held[1] + 1)
             return
-        if exc_type is None or (isinstance(exc, SystemExit) and exc.code in (0, None)):
-            self.finish("finished")
-        elif issubclass(exc_type, KeyboardInterrupt | SystemExit):
-            self.finish("killed", {"error": repr(exc)})
-        else:
-            self.finish("failed", {"error": repr(exc)})
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if isinstance(exc, BlockingIOError):
+                raise RunError(f"run {path.parent.name!r} is still running in process {holder} (it holds the "
+                               f"lock {str(path)!r}); wait for it to end or stop it before resuming") from None
+            raise RunError(f"cannot lock run {path.parent.name!r} ({str(path)!r}): {exc}") from None
+        # One fixed-width write: a reader sees the old holder's pid or ours, never a mix or nothing.
+        os.pwrite(fd, f"{os.getpid():<20}\n".encode(), 0)
+        RunLock._held[self._key] = (fd, 1)
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        fd, holders = RunLock._held.pop(self._key)
+        if holders > 1:
+            RunLock._held[self._key] = (fd, holders - 1)
+            return
+        with suppress(OSError):
+            os.ftruncate(fd, 0)  # no stale pid for the next holder's rivals to read
+        os.close(fd)  # closing the only open file drops the flock
+
+
+def _read_holder(fd: int) -> str:
+    """The pid in a lock file another process holds; it writes it just after locking, so wait for it briefly."""
+    for _ in range(40):
+        time.sleep(0.025)
+        try:
+            text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        except OSError:
+            break
+        if text.isdigit():
+            return text
+    return "unknown"
 
 
 def new_run_id(system: str, name: str, *, now: datetime | None = None) -> str:
@@ -158,6 +239,7 @@ def create_run(
         else:  # pragma: no cover - 100 collisions of 16 random bits within one second
             raise RunError(f"could not find a free run id under {root}")
     assert run_id is not None
+    lock = RunLock(run_dir / LOCK_FILE)
     now = _now()
     proc = _process_identity()
     atomic_write(run_dir / "config.toml", config_toml)
@@ -182,9 +264,11 @@ def create_run(
         registry.insert(RunRecord(id=run_id, system=system, name=name, status="running", created=now, updated=now,
                                   fingerprint=config_fp, dir=run_dir.resolve(), **proc))
     except BaseException:
+        lock.release()
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    return Run(id=run_id, dir=run_dir.resolve(), root=root, system=system, name=name, seed=seed, registry=registry)
+    return Run(id=run_id, dir=run_dir.resolve(), root=root, system=system, name=name, seed=seed, registry=registry,
+               lock=lock)
 
 
 def open_run(root: str | Path, run_id: str, *, config: BaseModel | None = None,
@@ -192,22 +276,34 @@ def open_run(root: str | Path, run_id: str, *, config: BaseModel | None = None,
     """Reopen an existing run to resume it: same directory, status back to "running", the resume noted in provenance.
 
     `run_id` may be a unique prefix. If `config` is given its fingerprint must equal the recorded one. A run still
-    being trained by a live process on this host is refused: two writers would interleave checkpoints and metrics.
+    being trained by a live process is refused: two writers would interleave checkpoints and metrics. The returned
+    run holds the run's lock (`Run.close`, or the end of the process, releases it).
     """
     root = Path(root)
     registry = registry or _default_registry(root)
-    record = _reconcile(registry, _resolve(registry, root, run_id))
-    if (record.status == "running" and record.host == socket.gethostname() and record.pid != os.getpid()
-            and _alive(record.pid, record.pid_started)):
-        raise RunError(f"run {record.id!r} is still running in process {record.pid} on this host; stop it before "
-                       "resuming")
+    record = _resolve(registry, root, run_id)
     if not record.dir.is_dir():
         raise RunError(f"run {record.id!r} is registered but its directory {str(record.dir)!r} is missing")
-    if config is not None and fingerprint(config) != record.fingerprint:
-        raise RunError(
-            f"run {record.id!r} was created with config fingerprint {record.fingerprint[:12]}, the config given "
-            f"has {fingerprint(config)[:12]}; resume with the run's own config.toml"
-        )
+    # Lock first, then read the status: two resumes racing through the liveness check below cannot both pass.
+    lock = RunLock(record.dir / LOCK_FILE)
+    try:
+        record = _reconcile(registry, _locate(root, registry.get(record.id) or record))
+        if (record.status == "running" and record.host == socket.gethostname() and record.pid != os.getpid()
+                and _alive(record.pid, record.pid_started)):
+            raise RunError(f"run {record.id!r} is still running in process {record.pid} on this host; stop it "
+                           "before resuming")
+        if config is not None and fingerprint(config) != record.fingerprint:
+            raise RunError(
+                f"run {record.id!r} was created with config fingerprint {record.fingerprint[:12]}, the config given "
+                f"has {fingerprint(config)[:12]}; resume with the run's own config.toml"
+            )
+        return _reopened(root, registry, record, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _reopened(root: Path, registry: RunRegistry, record: RunRecord, lock: RunLock) -> Run:
     prov_path = record.dir / "provenance.json"
     try:
         provenance = json.loads(prov_path.read_text(encoding="utf-8"))
@@ -221,7 +317,7 @@ def open_run(root: str | Path, run_id: str, *, config: BaseModel | None = None,
     atomic_write(prov_path, json.dumps(provenance, indent=2, sort_keys=True) + "\n")
     registry.update(record.id, status="running", updated=now, **proc)
     return Run(id=record.id, dir=record.dir, root=root, system=record.system, name=record.name,
-               seed=int(provenance.get("seed", 0)), registry=registry)
+               seed=int(provenance.get("seed", 0)), registry=registry, lock=lock)
 
 
 def update_config(run: Run, config: BaseModel, changed: Sequence[str]) -> None:

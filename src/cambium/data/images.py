@@ -1,7 +1,10 @@
 """CIFAR-10 from its python-pickle batches, read with an unpickler that admits only numpy arrays and plain values.
 
 The batches are pickles; a pickle can run arbitrary code, so `_SafeUnpickler` refuses every global except the three
-numpy constructors a CIFAR batch needs.
+numpy constructors a CIFAR batch needs. A pickle can also be small and expand: a list of many references to one array
+is a few bytes per reference and becomes a full copy each in `np.asarray`. So `b'data'` must already be a uint8 array
+`[N, 3072]` whose bytes came from the file (N * 3072 <= file size), labels are N plain integers, and files are capped
+in size before they are read.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray"
             ("numpy", "ndarray"), ("numpy", "dtype")}
 
 
+_MAX_BATCH_BYTES = 256 << 20  # a real batch is 31 MB (10,000 images)
+_MAX_META_BYTES = 1 << 20  # a real batches.meta is 158 bytes
+_MAX_CLASSES = 1000
+
+
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
@@ -31,17 +39,38 @@ class _SafeUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _load_batch(path: Path) -> dict[bytes, Any]:
+def _unpickle(path: Path, what: str, max_bytes: int) -> Any:
     if not path.is_file():
-        raise DataError(f"CIFAR-10 batch {str(path)!r} does not exist")
+        raise DataError(f"CIFAR-10 {what} {str(path)!r} does not exist")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise DataError(f"{path}: {size:,} bytes is more than a CIFAR-10 {what} holds (at most {max_bytes:,})")
     try:
         with path.open("rb") as fh:
-            batch = _SafeUnpickler(fh, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
+            return _SafeUnpickler(fh, encoding="bytes").load()
+    except Exception as exc:  # an untrusted file: whatever the unpickler trips on is a bad file, in one line
+        raise DataError(f"{path}: not a CIFAR-10 python {what} ({type(exc).__name__}: {exc})") from None
+
+
+def _load_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """`data [N, 3072]` uint8 and `labels [N]` int64 of one batch file, checked before anything is copied."""
+    batch = _unpickle(path, "batch", _MAX_BATCH_BYTES)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         raise DataError(f"{path}: a CIFAR-10 batch is a dict with b'data' and b'labels'")
-    return batch
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        shape = getattr(data, "shape", None)
+        raise DataError(f"{path}: b'data' must be a uint8 array [N, 3072], got {type(data).__name__} {shape}")
+    if data.nbytes > path.stat().st_size:
+        raise DataError(f"{path}: b'data' holds {data.nbytes:,} bytes, more than the file: not a CIFAR-10 batch")
+    n = data.shape[0]
+    if isinstance(labels, np.ndarray):
+        ok = labels.ndim == 1 and labels.shape[0] == n and np.issubdtype(labels.dtype, np.integer)
+    else:
+        ok = isinstance(labels, list) and len(labels) == n and all(type(v) is int for v in labels)
+    if not ok:
+        raise DataError(f"{path}: b'labels' must be {n} integers, one per image")
+    return data, np.asarray(labels, dtype=np.int64)
 
 
 @dataclass(frozen=True)
@@ -62,11 +91,7 @@ def load_cifar10(root: Path = CIFAR10_DIR, batches: Sequence[str] = ("data_batch
     meta = _load_batch_meta(root / "batches.meta")
     xs, ys = [], []
     for name in batches:
-        batch = _load_batch(root / name)
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[b"labels"], dtype=np.int64)
-        if data.ndim != 2 or data.shape[1] != 3072 or data.shape[0] != labels.shape[0]:
-            raise DataError(f"{root / name}: data {data.shape} and labels {labels.shape} are not [N, 3072] and [N]")
+        data, labels = _load_batch(root / name)
         if labels.size and (labels.min() < 0 or labels.max() >= len(meta)):
             raise DataError(f"{root / name}: labels outside [0, {len(meta)})")
         xs.append(data.reshape(-1, 3, 32, 32))
@@ -78,11 +103,16 @@ def load_cifar10(root: Path = CIFAR10_DIR, batches: Sequence[str] = ("data_batch
 
 
 def _load_batch_meta(path: Path) -> tuple[str, ...]:
-    if not path.is_file():
-        raise DataError(f"CIFAR-10 metadata {str(path)!r} does not exist")
-    with path.open("rb") as fh:
-        meta = _SafeUnpickler(fh, encoding="bytes").load()
-    return tuple(n.decode() for n in meta[b"label_names"])
+    meta = _unpickle(path, "metadata", _MAX_META_BYTES)
+    names = meta.get(b"label_names") if isinstance(meta, dict) else None
+    if (not isinstance(names, list) or not 0 < len(names) <= _MAX_CLASSES
+            or not all(isinstance(n, bytes) and len(n) <= 256 for n in names)):
+        raise DataError(f"{path}: CIFAR-10 metadata is a dict whose b'label_names' lists 1-{_MAX_CLASSES} byte "
+                        "strings")
+    try:
+        return tuple(n.decode() for n in names)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: a class name is not UTF-8 ({exc})") from None
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

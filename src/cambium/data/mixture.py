@@ -7,6 +7,11 @@ stride `seq_len`; every epoch of a dataset visits all its windows once in an ord
 Exact resume. Every random choice is a pure function of (seed, batch index) or (seed, dataset, epoch), so the cursor
 is small: the number of batches drawn and, per dataset, its epoch and position. `state_dict()` goes into the
 checkpoint; `load_state_dict()` continues with exactly the batches an uninterrupted run would have drawn.
+
+Provenance. mixture.json records the fingerprint of the spec it was prepared from and, per dataset, the path, size
+and sha256 of every source file (`sources`). `mixture_staleness(spec)` says why a prepared mixture no longer matches
+its spec or sources, `ensure_mixture` rebuilds it or refuses in one line, and the loaders refuse a mixture whose
+recorded source files changed on disk: shards are never reused for data they were not made from.
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from cambium.core.config import ConfigModel
-from cambium.core.errors import DataError
+from cambium.core.checkpoint import cursor_int
+from cambium.core.config import ConfigModel, fingerprint
+from cambium.core.errors import CheckpointError, DataError
+from cambium.core.files import file_sha256
 from cambium.data.text import TextFormat, read_documents
 from cambium.data.tokenizer import Tokenizer, load_bpe, tiktoken_from_file, train_bpe
 from cambium.data.tokens import TokenizerInfo, TokenShards, write_shards
@@ -116,9 +123,10 @@ def prepare_mixture(spec: MixtureSpec, cache_dir: Path = Path(".cache/tiktoken")
                                     sources=[ds.path] if ds.path.is_file() else [], shard_tokens=spec.shard_tokens)
             text = (spec.out_dir / ds.name / split / "manifest.json").read_bytes()
             entry[split] = {"tokens": manifest["total_tokens"], "manifest_sha256": hashlib.sha256(text).hexdigest()}
+        entry["sources"] = _describe_sources(ds.path)
         entries.append(entry)
     mixture = {"format": MIXTURE_FORMAT, "tokenizer": info.__dict__, "temperature": spec.temperature,
-               "datasets": entries}
+               "datasets": entries, "spec_fingerprint": fingerprint(spec)}
     (spec.out_dir / "mixture.json").write_text(json.dumps(mixture, indent=1, sort_keys=True) + "\n")
     return mixture
 
@@ -139,10 +147,77 @@ def read_mixture(root: Path) -> dict[str, Any]:
     path = root / "mixture.json"
     if not path.is_file():
         raise DataError(f"{root} holds no prepared mixture (mixture.json); run `cambium moe prep-mixture` first")
-    mixture: dict[str, Any] = json.loads(path.read_text())
-    if mixture.get("format") != MIXTURE_FORMAT:
-        raise DataError(f"{path}: format {mixture.get('format')!r} is not {MIXTURE_FORMAT!r}")
+    try:
+        mixture = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the mixture ({exc}); prepare it again") from None
+    if not isinstance(mixture, dict) or mixture.get("format") != MIXTURE_FORMAT:
+        found = mixture.get("format") if isinstance(mixture, dict) else type(mixture).__name__
+        raise DataError(f"{path}: format {found!r} is not {MIXTURE_FORMAT!r}")
     return mixture
+
+
+def verify_sources(root: Path) -> None:
+    """Refuse a prepared mixture whose recorded source files changed on disk since it was prepared."""
+    reason = _changed_source(read_mixture(root))
+    if reason is not None:
+        raise DataError(f"{root / 'mixture.json'}: {reason}; prepare the mixture again (e.g. `cambium moe "
+                        "prep-mixture --config CONFIG`)")
+
+
+def _describe_sources(path: Path) -> list[dict[str, Any]]:
+    """Path, size and sha256 of a dataset's source: the file, or every file under an hf directory."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return [{"path": str(f.resolve()), "bytes": f.stat().st_size, "sha256": file_sha256(f)} for f in files]
+
+
+def _changed_source(mixture: dict[str, Any]) -> str | None:
+    """The first recorded source file whose size or sha256 differs on disk (a missing one cannot be checked)."""
+    for dataset in mixture.get("datasets", []):
+        for source in dataset.get("sources", []):
+            path = Path(source["path"])
+            if not path.is_file():
+                continue
+            if path.stat().st_size != source["bytes"] or file_sha256(path) != source["sha256"]:
+                return (f"source {str(path)!r} of dataset {dataset['name']!r} changed since the mixture was prepared "
+                        f"(sha256 {source['sha256'][:12]} then, {file_sha256(path)[:12]} now)")
+    return None
+
+
+def mixture_staleness(spec: MixtureSpec) -> str | None:
+    """Why the mixture prepared in `spec.out_dir` does not match `spec` and its sources; None when it does."""
+    path = spec.out_dir / "mixture.json"
+    if not path.is_file():
+        return f"{spec.out_dir} holds no prepared mixture"
+    mixture = read_mixture(spec.out_dir)
+    if mixture.get("spec_fingerprint") != fingerprint(spec):
+        return f"{path} was prepared from another data.mixture spec (or before source hashes were recorded)"
+    recorded = {d.get("name"): d.get("sources") for d in mixture["datasets"]}
+    for ds in spec.datasets:
+        if not ds.path.exists():
+            continue
+        paths = [Path(s["path"]) for s in recorded.get(ds.name) or []]
+        current = sorted(p.resolve() for p in ds.path.rglob("*") if p.is_file()) if ds.path.is_dir() \
+            else [ds.path.resolve()]
+        if sorted(paths) != current:
+            return f"dataset {ds.name!r} now reads other files than {path} records"
+    return _changed_source(mixture)
+
+
+def ensure_mixture(spec: MixtureSpec, *, rebuild: bool, how: str = "cambium moe prep-mixture --config CONFIG",
+                   cache_dir: Path = Path(".cache/tiktoken")) -> None:
+    """Prepare the mixture when it is missing or stale (`rebuild`), or refuse a stale one in one line."""
+    reason = mixture_staleness(spec)
+    if reason is None:
+        return
+    if rebuild or not (spec.out_dir / "mixture.json").exists():
+        prepare_mixture(spec, cache_dir)
+        return
+    if "spec_fingerprint" not in read_mixture(spec.out_dir):
+        # Prepared before hashes were recorded: nothing to compare with, so it is kept as the run found it.
+        return
+    raise DataError(f"prepared data is stale: {reason}; rebuild it with `{how}` (a run already trained on the old "
+                    "data cannot resume on the new)")
 
 
 class MixtureLoader:
@@ -151,6 +226,7 @@ class MixtureLoader:
     def __init__(self, root: Path, *, split: Literal["train", "val"] = "train", seq_len: int, batch_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, verify: bool = False) -> None:
         mixture = read_mixture(root)
+        verify_sources(root)
         if batch_size % world_size:
             raise DataError(f"batch_size={batch_size} must be divisible by world_size={world_size}")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
@@ -199,12 +275,21 @@ class MixtureLoader:
                              for n, e, p in zip(self.names, self.epoch, self.position, strict=True)}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if (state["seed"], state["seq_len"]) != (self.seed, self.seq_len) or set(state["datasets"]) != set(self.names):
+        """Continue from `state_dict()`; a cursor that is not one of this mixture's is a CheckpointError naming the
+        key (it comes from a file: cursor.json)."""
+        seed, seq_len = cursor_int(state, "seed"), cursor_int(state, "seq_len", low=1)
+        datasets = state.get("datasets")
+        if not isinstance(datasets, dict):
+            raise CheckpointError(f"data cursor: datasets={datasets!r} must be an object with one entry per dataset")
+        if (seed, seq_len) != (self.seed, self.seq_len) or set(datasets) != set(self.names):
             raise DataError("data cursor does not belong to this mixture (seed, seq_len or datasets differ)")
-        self.batches = int(state["batches"])
+        batches = cursor_int(state, "batches")
+        epoch, position = [], []
         for i, name in enumerate(self.names):
-            self.epoch[i] = int(state["datasets"][name]["epoch"])
-            self.position[i] = int(state["datasets"][name]["position"])
+            where = f"data cursor: datasets.{name}"
+            epoch.append(cursor_int(datasets[name], "epoch", where=where))
+            position.append(cursor_int(datasets[name], "position", high=self.n_windows[i], where=where))
+        self.batches, self.epoch, self.position = batches, epoch, position
 
 
 def eval_windows(root: Path, name: str, *, seq_len: int, split: str = "val",

@@ -20,6 +20,7 @@ taker_buy_quote, closed``; mark ``mark, index, settle, funding_rate, next_fundin
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -27,7 +28,7 @@ from typing import Any, NamedTuple
 import msgspec
 import orjson
 
-from cambium.market.binance_wire import ENVELOPE_DECODER
+from cambium.market.binance_wire import ENVELOPE_DECODER, I64, MAX_NUM
 from cambium.market.config import WsConfig
 from cambium.market.events import MarketEvent
 
@@ -40,11 +41,42 @@ __all__ = [
     "decode_binance",
     "decode_binance_reference",
     "route_usdm",
+    "wire_number",
 ]
 
 
 class MalformedFrame(ValueError):
-    """A frame that is not a well-formed message of the venue; counted and skipped by the connector."""
+    """A frame that is not a well-formed message of the venue; counted and skipped by the connector.
+
+    `reason` is a short label for counters: 'json' (not a JSON object), 'envelope' (no stream/data), 'event' (an
+    unknown event type) or 'payload' (a missing field, a wrong JSON type, a non-finite or absurd number)."""
+
+    def __init__(self, message: str, reason: str = "payload") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def wire_number(x: Any) -> float:
+    """A price or size: a decimal string or a number, finite and in [0, MAX_NUM] (the fast path's `Num`)."""
+    if type(x) is bool:
+        raise TypeError(f"expected a number, got {x!r}")
+    f = float(x)
+    if not 0.0 <= f <= MAX_NUM:  # also false for NaN
+        raise ValueError(f"number {x!r} is not finite and in [0, {MAX_NUM:g}]")
+    return f
+
+
+def _int(x: Any, name: str, low: int = 0) -> int:
+    """An id or a time: an int in [low, 2**63) (the fast path's checks)."""
+    if type(x) is not int or not low <= x < I64:
+        raise TypeError(f"'{name}' must be an int in [{low}, 2**63), got {x!r}")
+    return x
+
+
+def _str(x: Any, name: str) -> str:
+    if type(x) is not str:
+        raise TypeError(f"'{name}' must be a string, got {x!r}")
+    return x
 
 
 class ControlReply(NamedTuple):
@@ -67,7 +99,11 @@ class WireTrade(NamedTuple):
 
     def event(self, source: str, recv_ns: int) -> MarketEvent:
         E, T, s, t, p, q, m = self
-        payload = {"price": float(p), "qty": float(q), "side": "sell" if m else "buy", "trade_id": t, "trade_time": T}
+        _int(E, "E"), _int(T, "T"), _str(s, "s"), _int(t, "t")
+        if type(m) is not bool:
+            raise TypeError(f"'m' must be a bool, got {m!r}")
+        payload = {"price": wire_number(p), "qty": wire_number(q), "side": "sell" if m else "buy", "trade_id": t,
+                   "trade_time": T}
         return MarketEvent(E, source, s, "trade", payload, recv_ns)
 
 
@@ -82,13 +118,16 @@ class WireBookTicker(NamedTuple):
 
     def event(self, source: str, recv_ns: int) -> MarketEvent:
         s, u, b, B, a, A, E = self
-        payload = {"kind": "top", "bid": float(b), "bid_qty": float(B), "ask": float(a), "ask_qty": float(A),
-                   "update_id": u}
+        _str(s, "s"), _int(u, "u")
+        if E is not None:
+            _int(E, "E")
+        payload = {"kind": "top", "bid": wire_number(b), "bid_qty": wire_number(B), "ask": wire_number(a),
+                   "ask_qty": wire_number(A), "update_id": u}
         return MarketEvent(E if E is not None else recv_ns // 1_000_000, source, s, "book", payload, recv_ns)
 
 
 def _levels(levels: list[list[str]]) -> list[list[float]]:
-    return [[float(p), float(q)] for p, q in levels]
+    return [[wire_number(p), wire_number(q)] for p, q in levels]
 
 
 class WireDepth(NamedTuple):
@@ -101,6 +140,9 @@ class WireDepth(NamedTuple):
     a: list[list[str]]
 
     def event(self, source: str, recv_ns: int) -> MarketEvent:
+        _int(self.E, "E"), _str(self.s, "s"), _int(self.U, "U"), _int(self.u, "u")
+        if self.pu is not None:
+            _int(self.pu, "pu", -I64)
         payload = {"kind": "diff", "bids": _levels(self.b), "asks": _levels(self.a), "first_update_id": self.U,
                    "last_update_id": self.u, "prev_update_id": self.pu}
         return MarketEvent(self.E, source, self.s, "book", payload, recv_ns)
@@ -113,11 +155,15 @@ class WireKline(NamedTuple):
 
     def event(self, source: str, recv_ns: int) -> MarketEvent:
         k = self.k
+        _int(self.E, "E"), _str(self.s, "s")
+        if type(k["x"]) is not bool:
+            raise TypeError(f"'k.x' must be a bool, got {k['x']!r}")
         payload = {
-            "interval": k["i"], "open_time": k["t"], "close_time": k["T"], "open": float(k["o"]),
-            "high": float(k["h"]), "low": float(k["l"]), "close": float(k["c"]), "volume": float(k["v"]),
-            "quote_volume": float(k["q"]), "trades": k["n"], "taker_buy_base": float(k["V"]),
-            "taker_buy_quote": float(k["Q"]), "closed": bool(k["x"]),
+            "interval": _str(k["i"], "k.i"), "open_time": _int(k["t"], "k.t"), "close_time": _int(k["T"], "k.T"),
+            "open": wire_number(k["o"]), "high": wire_number(k["h"]), "low": wire_number(k["l"]),
+            "close": wire_number(k["c"]),
+            "volume": wire_number(k["v"]), "quote_volume": wire_number(k["q"]), "trades": _int(k["n"], "k.n"),
+            "taker_buy_base": wire_number(k["V"]), "taker_buy_quote": wire_number(k["Q"]), "closed": k["x"],
         }
         return MarketEvent(self.E, source, self.s, "kline", payload, recv_ns)
 
@@ -132,8 +178,14 @@ class WireMarkPrice(NamedTuple):
     T: int
 
     def event(self, source: str, recv_ns: int) -> MarketEvent:
-        payload = {"mark": float(self.p), "index": float(self.i), "settle": float(self.P),
-                   "funding_rate": float(self.r) if self.r != "" else None, "next_funding_time": self.T}
+        _int(self.E, "E"), _str(self.s, "s"), _int(self.T, "T")
+        r = self.r
+        # The funding rate may be negative: only finiteness is asked of it.
+        rate = None if r == "" else float(r) if type(r) is not bool else math.nan
+        if rate is not None and not abs(rate) <= MAX_NUM:
+            raise ValueError(f"funding rate {r!r} is not a finite number")
+        payload = {"mark": wire_number(self.p), "index": wire_number(self.i), "settle": wire_number(self.P),
+                   "funding_rate": rate, "next_funding_time": self.T}
         return MarketEvent(self.E, source, self.s, "mark", payload, recv_ns)
 
 
@@ -179,7 +231,7 @@ def _one(d: dict[str, Any], source: str, recv_ns: int) -> MarketEvent:
     e = d.get("e")
     fn = _BY_EVENT.get(e) if e is not None else (_book_ticker if "A" in d else None)  # spot bookTicker has no "e"
     if fn is None:
-        raise MalformedFrame(f"unknown event type {e!r}")
+        raise MalformedFrame(f"unknown event type {e!r}", "event")
     return fn(d, source, recv_ns)
 
 
@@ -200,9 +252,16 @@ def decode_binance(frame: str | bytes, recv_ns: int, source: str) -> list[Market
         data = ENVELOPE_DECODER.decode(frame).data
     except (msgspec.ValidationError, msgspec.DecodeError, UnicodeEncodeError):  # the last: a lone surrogate
         return decode_binance_reference(frame, recv_ns, source)
+    # `event` gives None for a field of the wrong JSON type, which the lax decoder may have let through.
     if isinstance(data, list):
-        return [d.event(source, recv_ns) for d in data]
-    return [data.event(source, recv_ns)]
+        events = [d.event(source, recv_ns) for d in data]
+        if None in events:
+            return decode_binance_reference(frame, recv_ns, source)
+        return events  # type: ignore[return-value]
+    ev = data.event(source, recv_ns)
+    if ev is None:
+        return decode_binance_reference(frame, recv_ns, source)
+    return [ev]
 
 
 def decode_binance_reference(frame: str | bytes, recv_ns: int, source: str) -> list[MarketEvent] | ControlReply:
@@ -210,9 +269,9 @@ def decode_binance_reference(frame: str | bytes, recv_ns: int, source: str) -> l
     try:
         msg = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
-        raise MalformedFrame(f"not JSON: {exc}") from None
+        raise MalformedFrame(f"not JSON: {exc}", "json") from None
     if not isinstance(msg, dict):
-        raise MalformedFrame(f"expected a JSON object, got {type(msg).__name__}")
+        raise MalformedFrame(f"expected a JSON object, got {type(msg).__name__}", "json")
     data = msg.get("data")
     if data is None:
         rid = msg.get("id")
@@ -220,19 +279,21 @@ def decode_binance_reference(frame: str | bytes, recv_ns: int, source: str) -> l
             if "result" in msg:
                 return ControlReply(rid, None)
             err = msg.get("error", msg)
-            if "msg" in err or "code" in err:
+            if isinstance(err, dict) and ("msg" in err or "code" in err):
                 return ControlReply(rid, f"code={err.get('code')} msg={err.get('msg')}")
-        raise MalformedFrame("no 'data' in the combined-stream envelope")
+        raise MalformedFrame("no 'data' in the combined-stream envelope", "envelope")
     if not isinstance(msg.get("stream"), str):
-        raise MalformedFrame("no 'stream' name in the combined-stream envelope")
+        raise MalformedFrame("no 'stream' name in the combined-stream envelope", "envelope")
     try:
         if isinstance(data, list):  # all-market streams such as !markPrice@arr
             return [_one(d, source, recv_ns) for d in data]
         if isinstance(data, dict):
             return [_one(data, source, recv_ns)]
+    except MalformedFrame:
+        raise
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise MalformedFrame(f"{msg.get('stream')}: bad payload ({type(exc).__name__}: {exc})") from None
-    raise MalformedFrame(f"'data' is a {type(data).__name__}")
+    raise MalformedFrame(f"'data' is a {type(data).__name__}", "envelope")
 
 
 def route_usdm(stream: str) -> str:

@@ -5,13 +5,15 @@ and, before each request, waits for the next minute window if the request would 
 `weight_fraction` of the limit (the limit comes from exchangeInfo's REQUEST_WEIGHT entry once it has been fetched).
 On 429 it sleeps ``Retry-After`` seconds, halves its own budget for the rest of the run and retries; on 418 (IP
 banned) it stops at once, records an incident and raises `IpBanned` with the unban time; 5xx, transport errors and
-malformed bodies are retried with exponential back-off up to `max_retries`. Clock and sleep are injectable so tests
-never wait.
+malformed bodies are retried up to `max_retries` with the connector's exponential back-off with full jitter
+(`limits.Backoff`), so parallel downloaders do not retry in lockstep. Clock, sleep and the jitter's random source are
+injectable so tests never wait.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import re
 import time
 from collections.abc import Callable
@@ -24,6 +26,7 @@ import orjson
 
 from cambium.core.errors import ProtocolError
 from cambium.market.config import RestConfig
+from cambium.market.limits import Backoff
 
 __all__ = ["IpBanned", "RestClient", "SymbolInfo", "futures_kline_weight", "parse_exchange_info"]
 
@@ -105,6 +108,7 @@ class RestClient:
         sleep: Callable[[float], None] = time.sleep,
         incident_log: str | Path | None = None,
         transport: httpx.BaseTransport | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         if market not in ("spot", "futures"):
             raise ProtocolError(f"market {market!r} is unknown; use 'spot' or 'futures'")
@@ -115,6 +119,7 @@ class RestClient:
         self.http = httpx.Client(base_url=base, timeout=self.cfg.timeout_s, transport=transport)
         self.wall = wall
         self.sleep = sleep
+        self.backoff = Backoff(self.cfg.backoff_base_s, self.cfg.backoff_cap_s, rng or random.Random())
         self.incident_log = Path(incident_log) if incident_log else None
         self.weight_limit = 6000 if market == "spot" else 2400
         self.budget_scale = 1.0
@@ -211,7 +216,7 @@ class RestClient:
             attempt += 1
 
     def _backoff(self, attempt: int) -> float:
-        return min(self.cfg.backoff_cap_s, self.cfg.backoff_base_s * 2.0**attempt)
+        return self.backoff.delay(attempt)
 
     def klines(self, symbol: str, interval: str, start_ms: int, end_ms: int | None = None,
                limit: int | None = None) -> list[list[Any]]:

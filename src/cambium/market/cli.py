@@ -235,7 +235,8 @@ def serve_command(
     async def run() -> None:
         async with ReplayServer(records, faults=faults, speed=speed, serves=serves, port=port) as srv:
             console.print(f"serving {len(srv.frames)} frames of {recording} on {srv.address} "
-                          f"(/public/stream, /market/stream, /stream)")
+                          f"(/public/stream, /market/stream, /stream); {srv.stats.unservable} recorded frames "
+                          "are not stream messages and are not served")
             await asyncio.Event().wait()
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -281,8 +282,12 @@ def record_command(
                         if max_frames is not None and n >= max_frames:
                             return
 
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(pump(), duration)
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(pump(), duration)
+                except asyncio.CancelledError:
+                    rec.close()  # Ctrl-C is how a recording without --duration ends: what came in is complete
+                    raise
         return conn
 
     try:

@@ -25,8 +25,8 @@ class RestConfig(ConfigModel):
     )
     timeout_s: float = Field(10.0, gt=0, description="Per-request timeout in seconds.")
     max_retries: int = Field(5, ge=0, description="Retries of one request after 5xx, 429 or a malformed body.")
-    backoff_base_s: float = Field(1.0, gt=0, description="First retry delay after a 5xx; doubles per retry.")
-    backoff_cap_s: float = Field(60.0, gt=0, description="Longest retry delay after a 5xx.")
+    backoff_base_s: float = Field(1.0, gt=0, description="Retry back-off scale: the n-th wait is U(0, base·2^n).")
+    backoff_cap_s: float = Field(60.0, gt=0, description="Longest retry back-off in seconds.")
     weight_fraction: float = Field(
         0.8, gt=0, le=1, description="Share of the per-minute REQUEST_WEIGHT limit the client allows itself to use."
     )

@@ -132,8 +132,12 @@ class Backoff:
     def ceiling(self, attempt: int) -> float:
         return min(self.cap, self.base * 2.0 ** min(attempt, 62))
 
+    def delay(self, attempt: int) -> float:
+        """A delay for retry number `attempt` (0-based), for callers that count attempts themselves."""
+        return self.rng.uniform(0.0, self.ceiling(attempt))
+
     def next(self) -> float:
-        delay = self.rng.uniform(0.0, self.ceiling(self.attempt))
+        delay = self.delay(self.attempt)
         self.attempt += 1
         return delay
 

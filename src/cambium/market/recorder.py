@@ -5,8 +5,15 @@ the exact text received (a JSON string, so malformed frames survive too), which 
 Files are named by the UTC hour of their first frame's wall stamp (``20240808T23.jsonl.gz``); the gzip header carries
 no name or time, so the same frames always give the same bytes and the same sha256. A file is written under a ``.part``
 name and renamed when its hour ends or the recorder closes, and the manifest is rewritten atomically after each file,
-so a manifest only ever lists complete files. A recorder that was killed leaves its current hour as ``.part``;
-`recover` turns what can be decompressed of it (everything up to the last `flush`) into a listed file.
+so a manifest only ever lists complete files. A clock that steps back keeps writing into the current file (only a later
+hour opens a new one), so hostile stamps cannot multiply files.
+
+A recording is complete or refused (MKT-7): the manifest says ``"complete": false`` until `close()` after a writer
+that did not fail sets it to true. `read_recording` (and so `replay`, `market serve` and the screener) refuses an
+unfinished recording, a manifest entry that is not a plain file name inside the recording, a file whose sha256 does not
+match, a gzip stream that is cut or corrupt and a line that is not a recording line, each in one line naming the file.
+A recorder that was killed leaves its current hour as ``.part``; `recover` turns what can be decompressed of it
+(everything up to the last `flush`) into a listed file and marks the recording complete (``"recovered": true``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import gzip
 import hashlib
 import io
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,11 +36,14 @@ import orjson
 from cambium.core.errors import DataError
 from cambium.core.files import atomic_write
 
-__all__ = ["MANIFEST", "Record", "Recorder", "read_manifest", "read_recording", "recover", "replay"]
+__all__ = ["MANIFEST", "MAX_LINE", "Record", "Recorder", "read_manifest", "read_recording", "recover", "replay"]
 
 MANIFEST = "manifest.json"
 FORMAT = "cambium.market.recording/1"
 _HOUR_NS = 3600 * 10**9
+_NS_MAX = 2**63  # receive stamps are int64 nanoseconds, as time.time_ns() gives them until 2262
+MAX_LINE = 64 * 2**20  # a longer decompressed line is refused rather than held in memory
+_FILE_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*\.jsonl\.gz")
 
 
 class Record(NamedTuple):
@@ -67,11 +78,21 @@ class Recorder:
         self._count = 0
         self._first = 0
         self._last = 0
+        self.complete = False
+        self._closed = False
         self._write_manifest()
 
     def write(self, rec: Record) -> None:
+        """Append one frame; a stamp that is not an int64 ns count or a frame that is not text is a `DataError`."""
+        if self._closed:
+            raise DataError(f"{self.root}: the recorder is closed; open a new one to record more")
+        for what, v in (("receive stamp", rec.recv_ns), ("monotonic stamp", rec.mono_ns), ("shard", rec.shard)):
+            if type(v) is not int or not 0 <= v < _NS_MAX:
+                raise DataError(f"{what} {v!r} is not an integer in [0, 2**63) ns; the frame was not recorded")
+        if not isinstance(rec.frame, str):
+            raise DataError(f"frame {rec.frame!r:.80} is not text; the frame was not recorded")
         hour = rec.recv_ns // _HOUR_NS
-        if hour != self._hour:
+        if self._hour is None or hour > self._hour:
             self._finish_file()
             self._open_file(rec.recv_ns)
             self._hour = hour
@@ -86,11 +107,7 @@ class Recorder:
         self.write(Record(recv_ns, mono_ns, shard, frame))
 
     def _open_file(self, recv_ns: int) -> None:
-        base = _hour_name(recv_ns)
-        taken = {f["name"] for f in self.files}
-        name, k = f"{base}.jsonl.gz", 1
-        while name in taken:  # the wall clock stepped back into an hour already written
-            name, k = f"{base}-{k}.jsonl.gz", k + 1
+        name = f"{_hour_name(recv_ns)}.jsonl.gz"  # unique: only a later hour opens a file
         self._name = name
         self._sha = hashlib.sha256()
         self._raw = open(self.root / f"{name}.part", "wb")  # noqa: SIM115 - closed in _finish_file
@@ -137,6 +154,7 @@ class Recorder:
             "meta": self.meta,
             "frames": sum(f["frames"] for f in self.files),
             "files": self.files,
+            "complete": self.complete,
         }
         atomic_write(self.root / MANIFEST, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
 
@@ -146,8 +164,15 @@ class Recorder:
             self._gz.flush(zlib.Z_SYNC_FLUSH)
             self._raw.flush()
 
-    def close(self) -> None:
+    def close(self, *, complete: bool = True) -> None:
+        """Finish the current file; with `complete` also mark the recording complete. Later calls do nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self._finish_file()
+        if complete:
+            self.complete = True
+            self._write_manifest()
 
     def __enter__(self) -> Recorder:
         return self
@@ -155,7 +180,9 @@ class Recorder:
     def __exit__(
         self, typ: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        # A writer that failed part-way leaves the frames it wrote listed but the recording unfinished, so no reader
+        # mistakes a truncated recording for a whole one.
+        self.close(complete=exc is None)
 
 
 def recover(root: str | Path) -> int:
@@ -190,11 +217,13 @@ def recover(root: str | Path) -> int:
         recovered += len(records)
     doc["files"].sort(key=lambda f: f["first_recv_ns"])
     doc["frames"] = sum(f["frames"] for f in doc["files"])
+    doc["complete"] = doc["recovered"] = True
     atomic_write(root / MANIFEST, orjson.dumps(doc, option=orjson.OPT_INDENT_2))
     return recovered
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
+    """The manifest of the recording at `root`, checked for shape (complete or not: see `read_recording`)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         raise DataError(f"{root} is not a recording: {MANIFEST} is missing")
@@ -204,25 +233,75 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise DataError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise DataError(f"{path}: format is {doc.get('format') if isinstance(doc, dict) else doc!r}, want {FORMAT}")
+    files = doc.get("files")
+    if not isinstance(files, list):
+        raise DataError(f"{path}: 'files' is {files!r:.80}, want a list of file entries")
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict):
+            raise DataError(f"{path}: files[{i}] is {entry!r:.80}, want an object")
+        name = entry.get("name")
+        if not isinstance(name, str) or not _FILE_NAME.fullmatch(name):
+            raise DataError(f"{path}: files[{i}].name={name!r:.120} is not a plain '*.jsonl.gz' file name inside "
+                            "the recording; refusing to read outside it")
+        if not isinstance(entry.get("sha256"), str):
+            raise DataError(f"{path}: files[{i}].sha256={entry.get('sha256')!r:.80} is not a hex digest")
     return doc
 
 
+def _lines(path: Path, data: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of gzip `data`, decompressed a line at a time so a bomb cannot fill memory."""
+    lineno = 0
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as fh:
+            while line := fh.readline(MAX_LINE + 1):
+                lineno += 1
+                if len(line) > MAX_LINE:
+                    raise DataError(f"{path}: line {lineno} is longer than {MAX_LINE} bytes; not a recording line")
+                yield lineno, line
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(f"{path}: the gzip stream is cut or corrupt after line {lineno} ({exc}); "
+                        "the file is damaged, restore or re-record it") from None
+
+
+def _record(line: bytes) -> Record:
+    d = orjson.loads(line)
+    if not isinstance(d, dict):
+        raise TypeError(f"a {type(d).__name__}, not an object")
+    t, m, s, f = d["t"], d["m"], d["s"], d["f"]
+    for key, v in (("t", t), ("m", m), ("s", s)):
+        if type(v) is not int or not 0 <= v < _NS_MAX:
+            raise ValueError(f"{key}={v!r:.40} is not an integer in [0, 2**63)")
+    if not isinstance(f, str):
+        raise TypeError(f"f={f!r:.40} is not text")
+    return Record(t, m, s, f)
+
+
 def read_recording(root: str | Path, *, verify: bool = True) -> Iterator[Record]:
-    """Every frame of the recording in order; with `verify`, each file's sha256 is checked before it is read."""
+    """Every frame of a complete recording in order; with `verify`, each file's sha256 is checked before it is read.
+
+    Raises `DataError` naming the file for an unfinished recording and anything the module docstring lists.
+    """
     root = Path(root)
-    for entry in read_manifest(root)["files"]:
+    doc = read_manifest(root)
+    if doc.get("complete") is not True:
+        raise DataError(f"{root} is an unfinished recording ({MANIFEST} has no completion marker: its writer failed "
+                        "or was killed); re-import or re-record it, or finish it with cambium.market.recorder.recover")
+    real_root = root.resolve()
+    for entry in doc["files"]:
         path = root / entry["name"]
+        if path.resolve().parent != real_root:
+            raise DataError(f"{path} leads outside the recording {root}; refusing to read it")
         if not path.is_file():
             raise DataError(f"{path} is listed in {MANIFEST} but missing")
         data = path.read_bytes()
         if verify and hashlib.sha256(data).hexdigest() != entry["sha256"]:
             raise DataError(f"{path}: sha256 does not match {MANIFEST}; the file is corrupt or was edited")
-        for lineno, line in enumerate(gzip.decompress(data).splitlines(), 1):
+        for lineno, line in _lines(path, data):
             try:
-                d = orjson.loads(line)
-                yield Record(d["t"], d["m"], d["s"], d["f"])
-            except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                rec = _record(line)
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 raise DataError(f"{path}: line {lineno} is not a recording line ({exc})") from None
+            yield rec
 
 
 def replay(

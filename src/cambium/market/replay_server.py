@@ -14,6 +14,11 @@ Faults (`Faults`, mutable while the server runs): drop each connection after N f
 [lo, hi] s, insert a malformed frame after every k-th frame or with probability p, a fixed delay per frame, a one-off
 stall after N frames (for stale detection), refuse new connections (HTTP 503), answer every k-th control message with
 an error, and disconnect clients that exceed the control-message rate like Binance does.
+
+Bad control messages are answered as Binance answers them (``{"code": 3, "msg": "Invalid JSON", ...}`` for text that
+is not a JSON object with an integer id, ``{"code": 2, "msg": "Invalid request: ..."}`` for an unknown method or
+``params`` that are not a list of stream names), counted in `ServerStats.bad_requests`, and the connection stays open.
+Recorded frames that are not combined-stream messages cannot be served; they are counted in `ServerStats.unservable`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from websockets.http11 import Request, Response
 from cambium.market.recorder import Record
 
 __all__ = ["Faults", "ReplayServer", "ServerStats"]
+
+MAX_CONTROL_BYTES = 2**20  # a control message is a few hundred bytes; a larger one is closed with 1009 (too big)
+MAX_PARAMS = 1024  # Binance's cap of streams per connection
 
 MALFORMED = ('{"stream":"btcusdt@trade","data":{"e":"trade","E":1723', "not json at all", '{"stream":"x"}', "[1,2,3]")
 
@@ -68,11 +76,17 @@ class ServerStats:
     control_errors_sent: int = 0
     control_limit_kicks: int = 0
     stalls: int = 0
+    bad_requests: int = 0
+    unservable: int = 0
     control_log: list[tuple[int, float, Any]] = field(default_factory=list)
     attempt_times: list[float] = field(default_factory=list)
     subscribed: dict[int, set[str]] = field(default_factory=dict)
     connection_paths: list[str] = field(default_factory=list)
     sends: list[tuple[int, int]] = field(default_factory=list)  # (frame index, time.time_ns() after the send)
+
+
+async def _reply_error(ws: ServerConnection, code: int, msg: str, rid: int | None) -> None:
+    await ws.send(orjson.dumps({"code": code, "msg": msg, "id": rid}).decode())
 
 
 class _Conn:
@@ -82,7 +96,8 @@ class _Conn:
         self.streams: set[str] = set()
         self.pos = 0
         self.wake = asyncio.Event()
-        self.control_times: list[float] = []
+        self.control_times: list[float] = []  # those of the last second, for the rate limit
+        self.controls = 0
 
 
 class ReplayServer:
@@ -119,11 +134,13 @@ class ReplayServer:
             try:
                 msg = orjson.loads(rec.frame)
             except orjson.JSONDecodeError:
-                continue
+                msg = None
             if isinstance(msg, dict) and isinstance(msg.get("stream"), str) and "data" in msg:
                 self.frames.append(rec.frame)
                 self.stream_of.append(msg["stream"])
                 self.mono.append(rec.mono_ns)
+            else:
+                self.stats.unservable += 1
         self.sent_upto: dict[str, int] = {}
         self._server: Server | None = None
         self._cid = 0
@@ -158,7 +175,7 @@ class ReplayServer:
             process_request=self._process_request,
             ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout,
-            max_size=None,
+            max_size=MAX_CONTROL_BYTES,
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]
 
@@ -213,22 +230,33 @@ class ReplayServer:
             msg = None
         self.stats.control_log.append((conn.cid, now, msg))
         limit = self.faults.control_limit_per_s
-        conn.control_times.append(now)
-        if limit is not None and sum(1 for t in conn.control_times if now - t < 1.0) > limit:
+        conn.controls += 1
+        conn.control_times = [t for t in conn.control_times if now - t < 1.0] + [now]
+        if limit is not None and len(conn.control_times) > limit:
             self.stats.control_limit_kicks += 1
             await ws.close(1008, "Too many requests")
             return
-        if not isinstance(msg, dict) or not isinstance(msg.get("id"), int):
+        if not isinstance(msg, dict) or type(msg.get("id")) is not int:
+            self.stats.bad_requests += 1
             await ws.send(orjson.dumps({"code": 3, "msg": "Invalid JSON", "id": None}).decode())
             return
         k = self.faults.control_error_every
-        if k and len(conn.control_times) % k == 0:
+        if k and conn.controls % k == 0:
             self.stats.control_errors_sent += 1
             await ws.send(orjson.dumps({"code": 2, "msg": "Invalid request: injected", "id": msg["id"]}).decode())
             return
-        method, params = msg.get("method"), msg.get("params") or []
+        method, params = msg.get("method"), msg.get("params")
+        if params is None:
+            params = []
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE") and not (
+            isinstance(params, list) and len(params) <= MAX_PARAMS and all(isinstance(p, str) for p in params)
+        ):
+            self.stats.bad_requests += 1
+            await _reply_error(ws, 2, f"Invalid request: params must be a list of at most {MAX_PARAMS} stream names",
+                               msg["id"])
+            return
         if method == "SUBSCRIBE":
-            self._subscribe(conn, [p for p in params if isinstance(p, str)])
+            self._subscribe(conn, params)
             await ws.send(orjson.dumps({"result": None, "id": msg["id"]}).decode())
         elif method == "UNSUBSCRIBE":
             conn.streams.difference_update(params)
@@ -236,7 +264,8 @@ class ReplayServer:
         elif method == "LIST_SUBSCRIPTIONS":
             await ws.send(orjson.dumps({"result": sorted(conn.streams), "id": msg["id"]}).decode())
         else:
-            await ws.send(orjson.dumps({"code": 2, "msg": f"Invalid request: {method}", "id": msg["id"]}).decode())
+            self.stats.bad_requests += 1
+            await _reply_error(ws, 2, f"Invalid request: {method!s:.60}", msg["id"])
 
     async def _send_loop(self, ws: ServerConnection, conn: _Conn) -> None:
         f = self.faults

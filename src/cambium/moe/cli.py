@@ -13,7 +13,7 @@ from cambium.core.errors import ConfigError
 from cambium.core.metrics import latest_values
 from cambium.core.progress import ProgressReporter
 from cambium.core.runs import get_run
-from cambium.data.mixture import prepare_mixture
+from cambium.data.mixture import ensure_mixture, prepare_mixture
 from cambium.moe.config import MoEConfig
 
 app = typer.Typer(help="DeepSeek-shaped mixture-of-experts language models: data, training, sampling.",
@@ -44,7 +44,8 @@ def train_command(
     runs_dir: Path = RUNS,
     resume: str | None = options.RESUME,
     device: str | None = options.DEVICE,
-    prep: bool = typer.Option(True, help="Prepare the data mixture first if it is missing."),
+    prep: bool = typer.Option(True, help="Prepare the data mixture first if it is missing or its sources changed "
+                              "(a resumed run refuses changed sources instead)."),
 ) -> None:
     """Train a model (a new run, or --resume an existing one exactly where its last checkpoint left it)."""
     from cambium.core.loop import load_run_config
@@ -52,8 +53,10 @@ def train_command(
 
     cfg = load_run_config(MoEConfig, runs_dir, config=config, resume=resume,
                           overrides=set_, device=device, section="train")
-    if prep and not (cfg.data.mixture.out_dir / "mixture.json").exists():
-        prepare_mixture(cfg.data.mixture)
+    # A new run rebuilds stale data (--prep); a resumed run was trained on the old data and refuses it.
+    if prep or resume is not None:
+        ensure_mixture(cfg.data.mixture, rebuild=resume is None,
+                       how=f"cambium moe prep-mixture --config {config or 'CONFIG'}")
     result = train(cfg, runs_dir, resume=resume, reporter=ProgressReporter.from_env())
     Console().print(f"run {result.run_id}: {result.steps} steps, {result.events:,} tokens; "
                     + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final.items())))

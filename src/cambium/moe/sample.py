@@ -8,7 +8,7 @@ import torch
 
 from cambium.core.checkpoint import latest_checkpoint, load_checkpoint
 from cambium.core.config import load
-from cambium.core.errors import CheckpointError
+from cambium.core.errors import CheckpointError, DataError
 from cambium.core.runs import get_run
 from cambium.data.mixture import load_tokenizer
 from cambium.moe.config import MoEConfig
@@ -52,6 +52,13 @@ def generate(model: MoETransformer, prompt_ids: list[int], max_new_tokens: int, 
 
 def sample_text(runs_root: Path, run: str, prompt: str, max_new_tokens: int = 200, *, temperature: float = 0.8,
                 top_k: int | None = 50, seed: int = 0) -> str:
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:  # argv bytes that are not UTF-8 arrive as lone surrogates
+        bad = prompt[exc.start]
+        what = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character {bad!a}"
+        raise DataError(f"--prompt is not UTF-8 text ({what} at character {exc.start}); pass the prompt as "
+                        "UTF-8") from None
     cfg, model, _ = load_trained(runs_root, run)
     tok = load_tokenizer(cfg.data.mixture.out_dir, ranks_file=cfg.data.mixture.tokenizer.ranks_file)
     ids = generate(model, tok.encode(prompt) or [tok.eot_id], max_new_tokens, temperature=temperature, top_k=top_k,

@@ -4,8 +4,12 @@ Compiling = building the module with deterministic parameters (a private generat
 `settings.init_seed`), generating its forward as straight-line Python from the IR (backend "codegen"; "eager" keeps
 the interpreting IRModule), benchmarking it (Urabrask), and storing the payload content-addressed in Urza. torch.fx
 is deliberately not used: its tracer patches `nn.Module.__call__` process-wide, which would hijack the training
-loop's forwards running in the main thread while the worker traces. The payload is a `torch.save` of plain data
-(IR JSON, settings JSON, state dict) so it loads with `weights_only=True`; the module is rebuilt from the IR.
+loop's forwards running in the main thread while the worker traces. The module is rebuilt from the IR on load.
+
+The payload is safetensors, never a pickle: kernels travel between processes and machines (an S3 store at scale), and
+a pickle, even under `torch.load(weights_only=True)`, has had code-execution bypasses (CVE-2025-32434,
+CVE-2026-24747). The state dict is the tensors; the IR and settings JSON sit in the header's metadata under one key
+(safetensors writes several metadata keys in random order, and the payload's sha256 is its address).
 
 The worker is one thread fed by a queue: `submit` returns a Future at once; with a bus, requests arrive on
 compilation.blueprint.submitted and outcomes leave on compilation.kernel.ready.
@@ -14,14 +18,16 @@ compilation.blueprint.submitted and outcomes leave on compilation.kernel.ready.
 from __future__ import annotations
 
 import hashlib
-import io
+import json
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+import safetensors.torch
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from cambium.morph.bus import InProcessBus
@@ -39,9 +45,11 @@ from cambium.morph.ir import BlueprintError, CompiledIRModule, build_module
 from cambium.morph.kernel_bench import benchmark
 from cambium.morph.library import ArtifactError, Urza
 
-__all__ = ["PAYLOAD_FORMAT", "Tezzeret", "compile_module", "load_kernel", "serialize"]
+__all__ = ["PAYLOAD_FORMAT", "Tezzeret", "compile_module", "load_kernel", "payload_header", "serialize"]
 
-PAYLOAD_FORMAT = "cambium.morph.kernel/1"
+PAYLOAD_FORMAT = "cambium.morph.kernel/2"
+_META_KEY = "cambium.morph.kernel"
+_MAX_HEADER = 16 << 20  # bytes; an IR header is a few KB, the length prefix of a hostile payload can be anything
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -56,29 +64,55 @@ def compile_module(ir: BlueprintIR, settings: CompileSettings) -> nn.Module:
 
 
 def serialize(ir: BlueprintIR, settings: CompileSettings, module: nn.Module) -> bytes:
-    buf = io.BytesIO()
-    state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-    torch.save(
-        {"format": PAYLOAD_FORMAT, "ir": ir.model_dump_json(), "settings": settings.model_dump_json(), "state": state},
-        buf,
-    )
-    return buf.getvalue()
+    """The kernel's payload: its state dict as safetensors, with the IR and settings in the header metadata."""
+    state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    meta = json.dumps({"format": PAYLOAD_FORMAT, "ir": ir.model_dump_json(), "settings": settings.model_dump_json()},
+                      sort_keys=True)
+    return safetensors.torch.save(state, metadata={_META_KEY: meta})
+
+
+def payload_header(payload: bytes) -> dict[str, str] | None:
+    """The format, IR and settings JSON of a kernel payload, or None when it is not a kernel safetensors payload
+    (a pickle, an older format, damaged bytes). Reads the header only."""
+    if len(payload) < 8:
+        return None
+    n = int.from_bytes(payload[:8], "little")
+    if n > min(_MAX_HEADER, len(payload) - 8):
+        return None
+    try:
+        header = json.loads(payload[8:8 + n])
+        meta = json.loads(header["__metadata__"][_META_KEY])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") != PAYLOAD_FORMAT:
+        return None
+    if not all(isinstance(meta.get(k), str) for k in ("ir", "settings")):
+        return None
+    return meta
 
 
 def load_kernel(payload: bytes, record: CompiledKernelArtifact) -> nn.Module:
-    """Rebuild the kernel from verified payload bytes; raise ArtifactError if they do not match `record`."""
+    """Rebuild the kernel from verified payload bytes; raise ArtifactError (one line) if they are not a
+    `PAYLOAD_FORMAT` safetensors payload or do not match `record`. Nothing is unpickled."""
+    name = f"kernel {record.artifact_id[:12]}..."
+    meta = payload_header(payload)
+    if meta is None:
+        raise ArtifactError(f"{name} is not a {PAYLOAD_FORMAT} safetensors payload (pickled or older kernels are "
+                            "refused): recompile it")
     try:
-        data = torch.load(io.BytesIO(payload), weights_only=True)
-    except Exception as exc:
-        raise ArtifactError(f"kernel {record.artifact_id[:12]}... is not a readable payload: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != PAYLOAD_FORMAT:
-        raise ArtifactError(f"kernel {record.artifact_id[:12]}... is not a {PAYLOAD_FORMAT} payload")
-    ir = parse(BlueprintIR, data["ir"])
+        state = safetensors.torch.load(payload)
+        ir = parse(BlueprintIR, meta["ir"])
+        settings = parse(CompileSettings, meta["settings"])
+    except (SafetensorError, ValueError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ArtifactError(f"{name} is not a readable payload: {first}") from None
     if ir.ir_hash() != record.ir_hash:
-        raise ArtifactError(f"kernel {record.artifact_id[:12]}... holds IR {ir.ir_hash()[:12]}..., record says "
-                            f"{record.ir_hash[:12]}...")
-    module = compile_module(ir, parse(CompileSettings, data["settings"]))
-    module.load_state_dict(data["state"])
+        raise ArtifactError(f"{name} holds IR {ir.ir_hash()[:12]}..., record says {record.ir_hash[:12]}...")
+    module = compile_module(ir, settings)
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{name} does not fit its IR: {str(exc).splitlines()[0]}") from None
     return module
 
 
@@ -152,7 +186,8 @@ class Tezzeret:
         """Compile synchronously (the worker's body); reuses a stored kernel with the same IR and settings."""
         bp = self.urza.blueprint(blueprint_id)
         for art in self.urza.meta.list_artifacts():
-            if art.ir_hash == bp.blueprint_id and art.settings == settings and art.device == self.device:
+            if (art.ir_hash == bp.blueprint_id and art.settings == settings and art.device == self.device
+                    and not self._outdated(art)):
                 return art
         try:
             module = compile_module(bp.ir, settings)
@@ -171,6 +206,15 @@ class Tezzeret:
         if bp.status == BlueprintStatus.PROPOSED:
             self.urza.set_status(blueprint_id, BlueprintStatus.VALIDATED)
         return record
+
+    def _outdated(self, art: CompiledKernelArtifact) -> bool:
+        """A stored kernel of an older (pickled) format is compiled again rather than reused: it would fail every load.
+        A missing or tampered one is reused, so that loading it reports why."""
+        try:
+            payload = self.urza.objects.get(art.artifact_id)
+        except ArtifactError:
+            return False
+        return payload_header(payload) is None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

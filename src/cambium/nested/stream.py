@@ -24,8 +24,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from cambium.core.errors import DataError
-from cambium.data.mixture import read_mixture
+from cambium.core.checkpoint import cursor_int
+from cambium.core.errors import CheckpointError, DataError
+from cambium.data.mixture import read_mixture, verify_sources
 from cambium.data.tokens import TokenShards
 
 __all__ = ["BoundaryEvent", "Chunk", "ContextStream"]
@@ -59,6 +60,7 @@ class ContextStream:
 
     def __init__(self, root: Path, *, split: Literal["train", "val"] = "train", seq_len: int, lanes: int) -> None:
         mixture = read_mixture(root)
+        verify_sources(root)
         if seq_len < 1 or lanes < 1:
             raise DataError(f"seq_len={seq_len} and lanes={lanes} must both be >= 1")
         self.root, self.split, self.seq_len, self.lanes = Path(root), split, seq_len, lanes
@@ -122,10 +124,19 @@ class ContextStream:
                 "n_tokens": self.n_tokens, "datasets": self.names, "consumed": self.consumed, "steps": self.steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()`; a damaged cursor (it comes from cursor.json) is a CheckpointError naming the
+        key."""
+        if not isinstance(state, dict):
+            raise CheckpointError(f"stream cursor: expected a JSON object, got {type(state).__name__}")
         mine = self.state_dict()
         keys = ("format", "split", "seq_len", "lanes", "n_tokens", "datasets")
         differ = {k: (state.get(k), mine[k]) for k in keys if state.get(k) != mine[k]}
         if differ:
             raise DataError(f"stream cursor belongs to another stream (saved, current): {differ}; resume with the "
                             "run's own config and mixture")
-        self.consumed, self.steps = int(state["consumed"]), int(state["steps"])
+        steps = cursor_int(state, "steps", where="stream cursor")
+        consumed = cursor_int(state, "consumed", where="stream cursor")
+        if consumed != steps * self.seq_len:
+            raise CheckpointError(f"stream cursor: consumed={consumed} must be steps * seq_len = {steps} * "
+                                  f"{self.seq_len}")
+        self.consumed, self.steps = consumed, steps

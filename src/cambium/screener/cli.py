@@ -54,8 +54,9 @@ def replay_command(
     sink = ScreenerStore(cfg.storage, store) if store is not None else None
     result = replay(recordings, cfg, store=sink)
     s = result.summary()
+    refused = "".join(f", {n} refused ({reason})" for reason, n in result.malformed_events.items() if n)
     console.print(f"{s['frames']:,} frames, {s['events']:,} events ({s['malformed']} malformed, "
-                  f"{s['late_events']} late), {s['snapshots']:,} snapshots, {s['rank_events']} rank events")
+                  f"{s['late_events']} late{refused}), {s['snapshots']:,} snapshots, {s['rank_events']} rank events")
     print(result.digest)
     if write_expected is not None:
         write(write_expected, result, cfg, recordings)
@@ -85,7 +86,7 @@ def run_with_status(
     import httpx
 
     from cambium.market.connector import Connector
-    from cambium.screener.live import run_live
+    from cambium.screener.live import MalformedCollector, run_live
     from cambium.screener.observability import ScreenerMetrics, StatusServer, status_app
     from cambium.screener.pipeline import build_notifiers
     from cambium.screener.replay import Session
@@ -93,6 +94,7 @@ def run_with_status(
     notifiers = build_notifiers(cfg.notify, os.environ, cfg.ranker.top_k)
     session = Session(cfg, notifiers=notifiers)
     metrics = ScreenerMetrics()
+    metrics.registry.register(MalformedCollector(session))
     holder: list[Connector] = []
     app_ = status_app(session, metrics, lambda: holder[0].stats if holder else [])
     server = StatusServer(app_, cfg.live.status_port)

@@ -249,6 +249,10 @@ class FeatureConfig(ConfigModel):
     clip_notional: float = Field(10_000.0, gt=0, description="Order size (quote) whose impact_bps is measured.")
     max_skew_ms: int = Field(2_000, ge=0, description="How far (exchange ms) the clock waits for the slower of the "
                              "book and trade streams, which arrive on different connections.")
+    max_clock_jump_ms: int = Field(300_000, ge=1_000, description="An event further than this (exchange ms) ahead "
+                                   "of or behind the clock is refused as malformed and fills no bars; a run of "
+                                   "consistent such events (the stream itself moved, e.g. after an outage) moves the "
+                                   "clock without filling the gap. Default: the longest window.")
     streams: tuple[Literal["bookTicker", "trade", "depth"], ...] = Field(
         ("bookTicker", "trade", "depth"), description="Streams each symbol is expected to deliver (missing_streams).")
 

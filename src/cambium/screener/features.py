@@ -7,6 +7,15 @@ never moving backwards. When an event moves the clock past the current boundary 
 snapshots are emitted (one per symbol with a quote), then the event is applied. An event older than the open bar
 arrived late: it is counted and applied to the open bar, never to a closed one.
 
+Clock jumps. An event more than `max_clock_jump_ms` ahead of or behind the clock (a corrupt or hostile event time:
+one frame stamped a year ahead would otherwise make the engine close a bar per cadence up to it) is held, not applied,
+and fills no bar. The next event near the clock drops what is held: those events are counted in `clock_jumps` (the
+malformed count by reason "clock_jump"). If instead `RESYNC_EVENTS` held events in a row agree with each other (within
+`max_clock_jump_ms` of the first), the stream itself moved (an outage longer than the longest window, recordings of
+two days merged): the open bar closes (when the jump is forward), the clock restarts at the held events without
+filling the gap, and they are applied in order. The windows then hold the bars from before the gap; with the default
+jump bound (the longest window) every window has rolled past the gap within its own length.
+
 State per symbol is a handful of running sums over ring buffers of per-bar aggregates (`Rolling`), so a snapshot
 costs the same whatever the trade count or window length. Definitions (n = window / cadence bars, c_i the bar-close
 mid, i.e. the mid of the last bookTicker at or before b_i):
@@ -39,6 +48,8 @@ from cambium.screener.contracts import DataHealth, FeatureSnapshot
 __all__ = ["WINDOWS_MS", "FeatureEngine", "Rolling", "SymbolState", "derive_features", "impact_bps"]
 
 WINDOWS_MS = {"1s": 1_000, "10s": 10_000, "60s": 60_000, "5m": 300_000}
+RESYNC_EVENTS = 64
+"""Held off-clock events in a row that move the clock to them (see "Clock jumps" above)."""
 
 
 class Rolling:
@@ -216,6 +227,10 @@ class FeatureEngine:
         self.events = 0
         self.late_events = 0
         self.ignored_events = 0
+        self.clock_jumps = 0
+        self.resyncs = 0
+        self.held: list[MarketEvent] = []
+        self._jump = self.cfg.max_clock_jump_ms
 
     def _advance_clock(self, ev: MarketEvent) -> int:
         """clock = max(clock, min(newest book ts, newest trade ts), newest − max_skew_ms), written out for speed."""
@@ -241,6 +256,15 @@ class FeatureEngine:
         return clock
 
     def on_event(self, ev: MarketEvent) -> list[FeatureSnapshot]:
+        # Only a new newest event can jump ahead, only a late one behind; the first event starts the clock.
+        ts = ev.ts
+        if ts > self.newest:
+            if ts > self.clock + self._jump and self.bar_end is not None:
+                return self._off_clock(ev)
+        elif ts < self.clock - self._jump and self.bar_end is not None:
+            return self._off_clock(ev)
+        if self.held:
+            self._drop_held()
         clock = self._advance_clock(ev)
         out: list[FeatureSnapshot] = []
         bar_end = self.bar_end
@@ -257,6 +281,27 @@ class FeatureEngine:
             self.ignored_events += 1
         self.events += 1
         return out
+
+    def _off_clock(self, ev: MarketEvent) -> list[FeatureSnapshot]:
+        held = self.held
+        if held and abs(ev.ts - held[0].ts) > self._jump:
+            self._drop_held()
+        held.append(ev)
+        if len(held) < RESYNC_EVENTS:
+            return []
+        self.held = []
+        self.resyncs += 1
+        out = self._close(self.bar_end) if held[0].ts > self.clock and self.bar_end is not None else []
+        self.bar_end = None
+        self.clock = self.newest = -(2**62)
+        self.kind_newest = {}
+        for held_ev in held:
+            out.extend(self.on_event(held_ev))
+        return out
+
+    def _drop_held(self) -> None:
+        self.clock_jumps += len(self.held)
+        self.held.clear()
 
     def _close_bars(self, clock: int, out: list[FeatureSnapshot]) -> int:
         """Close every bar that ends before `clock` into `out` (the first event opens the bar holding it);
@@ -277,7 +322,8 @@ class FeatureEngine:
         return out
 
     def flush(self) -> list[FeatureSnapshot]:
-        """Close the open bar (the end of a recording)."""
+        """Close the open bar (the end of a recording); held off-clock events are dropped."""
+        self._drop_held()
         if self.bar_end is None:
             return []
         out = self._close(self.bar_end)

@@ -11,6 +11,9 @@ on the benchmark took full collections from 40-110 ms to under 20 ms. They are u
 The local L2 books need one REST depth snapshot per symbol (the websocket sends diffs only). They are fetched in a
 worker thread once the streams are open, paced by the REST client's weight tracking, and enter the session as book
 events of kind "snapshot"; the books buffer the diffs that arrive before their snapshot.
+
+One bad frame never stops the pump: the connector counts the frames the decoder refuses (per shard), and the session
+counts the events it refuses (`Session.malformed`, by reason), which `MalformedCollector` exposes on `/metrics`.
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from cambium.core.errors import CambiumError
 from cambium.market.binance import binance_usdm_venue
@@ -35,7 +41,7 @@ from cambium.screener.observability import ScreenerMetrics
 from cambium.screener.replay import Session
 from cambium.screener.sources import depth_snapshot_event
 
-__all__ = ["LiveResult", "fetch_depth_snapshot", "run_live"]
+__all__ = ["LiveResult", "MalformedCollector", "fetch_depth_snapshot", "run_live"]
 
 log = logging.getLogger("cambium.screener.live")
 
@@ -55,6 +61,22 @@ class LiveResult:
     shards: list[ShardStats]
     snapshots: int = 0
     snapshot_errors: int = 0
+    malformed: dict[str, int] = field(default_factory=dict)
+
+
+class MalformedCollector(Collector):
+    """`cambium_screener_malformed_events_total{reason}`: the events a session refused, read at scrape time (no cost
+    on the hot path). Register it once on the `ScreenerMetrics.registry` that serves the session's page."""
+
+    def __init__(self, session: Session) -> None:
+        self.session = session
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("cambium_screener_malformed_events", "Decoded events refused and skipped by "
+                                     "the session, by reason (clock_jump, error)", labels=["reason"])
+        for reason, n in sorted(self.session.malformed.items()):
+            family.add_metric([reason], n)
+        yield family
 
 
 async def run_live(cfg: ScreenerConfig, ws: WsConfig, session: Session, metrics: ScreenerMetrics, *,
@@ -114,4 +136,5 @@ async def run_live(cfg: ScreenerConfig, ws: WsConfig, session: Session, metrics:
             gc.unfreeze()
     result.rank_events += len(session.finish())
     result.shards = conn.stats
+    result.malformed = session.malformed
     return result

@@ -2,6 +2,10 @@
 
 Metrics live in a registry of their own (not the process-global one), so several sessions can coexist in a process.
 Shard counters are copied from the connector's `ShardStats` each time the page or `/metrics` is read.
+
+The page listens on 127.0.0.1 only, but a browser visiting a hostile site can still be pointed at it through DNS
+rebinding (a name the attacker controls that resolves to 127.0.0.1): such requests carry the attacker's name in `Host`,
+so only the loopback names are accepted and any other `Host` gets a 400.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from cambium.market.connector import ShardStats
 from cambium.screener.replay import Session
 
-__all__ = ["ScreenerMetrics", "StatusServer", "status_app"]
+__all__ = ["LOOPBACK_HOSTS", "ScreenerMetrics", "StatusServer", "status_app"]
+
+STATUS_HOST = "127.0.0.1"
+LOOPBACK_HOSTS = (STATUS_HOST, "localhost")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -82,12 +89,18 @@ class ScreenerMetrics:
         return generate_latest(self.registry)
 
 
-def status_app(session: Session, metrics: ScreenerMetrics, shards: Callable[[], Sequence[ShardStats]]) -> Any:
-    """The FastAPI app: `/` an HTML page, `/api/status` the same as JSON, `/metrics` the Prometheus text."""
+def status_app(
+    session: Session, metrics: ScreenerMetrics, shards: Callable[[], Sequence[ShardStats]], *,
+    allowed_hosts: Sequence[str] = LOOPBACK_HOSTS,
+) -> Any:
+    """The FastAPI app: `/` an HTML page, `/api/status` the same as JSON, `/metrics` the Prometheus text, and
+    `/openapi.json` their schema. Requests whose `Host` (port aside) is not in `allowed_hosts` get a 400."""
     from fastapi import FastAPI
     from fastapi.responses import HTMLResponse, Response
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     app = FastAPI(title="cambium screener", docs_url=None, redoc_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     def snapshot() -> dict[str, Any]:
         stats = shards()
@@ -108,7 +121,10 @@ def status_app(session: Session, metrics: ScreenerMetrics, shards: Callable[[], 
     def api_status() -> dict[str, Any]:
         return snapshot()
 
-    @app.get("/metrics")
+    # `response_model=None`: under postponed annotations the return type is the string "Response", which FastAPI
+    # resolves in this module's globals, where the lazily imported name is missing; it used to stay an unresolved
+    # forward reference that made every `/openapi.json` answer 500.
+    @app.get("/metrics", response_class=Response, response_model=None)
     def prometheus() -> Response:
         snapshot()
         return Response(metrics.exposition(), media_type="text/plain; version=0.0.4")
@@ -135,12 +151,12 @@ def status_app(session: Session, metrics: ScreenerMetrics, shards: Callable[[], 
 
 
 class StatusServer:
-    """uvicorn serving `status_app` on 127.0.0.1 in a background thread."""
+    """uvicorn serving `status_app` on 127.0.0.1 (`STATUS_HOST`) in a background thread."""
 
     def __init__(self, app: Any, port: int = 0) -> None:
         import uvicorn
 
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host=STATUS_HOST, port=port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, name="screener-status", daemon=True)
 
     def start(self, timeout: float = 10.0) -> str:
@@ -151,7 +167,7 @@ class StatusServer:
                 raise RuntimeError("the status server did not start")
             time.sleep(0.02)
         port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"http://{STATUS_HOST}:{port}"
 
     def stop(self) -> None:
         self.server.should_exit = True

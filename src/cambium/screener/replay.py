@@ -4,18 +4,25 @@ Replay and live mode share everything after the event source: `Session` takes Ma
 them into FeatureSnapshots (`FeatureEngine`) and feeds each cadence tick to the `Pipeline`. The digest chains the
 sha256 of every RankEvent's canonical JSON, so two replays of the same recording with the same config give the same
 64 hex characters on any machine, and any change of a number that reaches a RankEvent changes it.
+
+Hostile input never stops a session: the decoders refuse frames with a wrong JSON type or a non-finite or absurd
+number (counted in `DecodeStats.malformed`), the feature engine holds events whose time jumps too far
+(`features.max_clock_jump_ms`), and `Session.on_event` is a per-event guard: an event whose processing raises is
+counted under reason "error", logged, and skipped. `Session.malformed` gives the counts by reason (the Prometheus
+counter `cambium_screener_malformed_events_total`); every event is applied, held, or counted there.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cambium.core.config import fingerprint
-from cambium.core.errors import DataError
+from cambium.core.errors import CambiumError, DataError
 from cambium.market.events import MarketEvent
 from cambium.screener.config import ScreenerConfig
 from cambium.screener.contracts import FeatureSnapshot, RankEvent
@@ -25,6 +32,11 @@ from cambium.screener.sources import DecodeStats, iter_events
 from cambium.screener.storage import ScreenerStore
 
 __all__ = ["ReplayResult", "Session", "read_expected", "replay", "write_expected"]
+
+log = logging.getLogger("cambium.screener.session")
+
+# What bad data can raise inside the engine or the pipeline; anything else is a bug and propagates.
+GUARDED = (ArithmeticError, AttributeError, LookupError, TypeError, ValueError, CambiumError)
 
 
 class Session:
@@ -36,11 +48,29 @@ class Session:
         self.engine = FeatureEngine(cfg.features)
         self.pipeline = Pipeline(cfg, store=store, notifiers=notifiers)
         self.snapshots = 0
+        self.errors = 0
+        self.out_of_order = 0
+        self._last_tick: int | None = None
         self.latest: dict[str, FeatureSnapshot] = {}
 
     def on_event(self, ev: MarketEvent) -> list[RankEvent]:
-        snapshots = self.engine.on_event(ev)
-        return self._ticks(snapshots) if snapshots else []
+        try:
+            snapshots = self.engine.on_event(ev)
+            return self._ticks(snapshots) if snapshots else []
+        except GUARDED as exc:
+            self.errors += 1
+            # The first one with its traceback (a bug report), then one line at each power of two.
+            if self.errors & (self.errors - 1) == 0:
+                log.warning("skipped an event that failed (%d so far): %s %s at ts=%r: %s: %s", self.errors,
+                            ev.symbol, ev.type, ev.ts, type(exc).__name__, exc, exc_info=self.errors == 1)
+            return []
+
+    @property
+    def malformed(self) -> dict[str, int]:
+        """Events refused after decoding, by reason: 'clock_jump' (see FeatureEngine) and 'error' (the guard).
+        `out_of_order` counts snapshots (not events) of a tick older than one already ranked, which the ranker cannot
+        take back: they are dropped."""
+        return {"clock_jump": self.engine.clock_jumps, "error": self.errors}
 
     def finish(self) -> list[RankEvent]:
         events = self._ticks(self.engine.flush())
@@ -54,6 +84,11 @@ class Session:
         for i in range(1, len(snapshots) + 1):
             if i == len(snapshots) or snapshots[i].ts != snapshots[start].ts:
                 tick = snapshots[start:i]
+                if self._last_tick is not None and tick[0].ts < self._last_tick:
+                    self.out_of_order += len(tick)
+                    start = i
+                    continue
+                self._last_tick = tick[0].ts
                 out.extend(self.pipeline.step(tick[0].ts, tick))
                 for snap in tick:
                     self.latest[snap.symbol] = snap
@@ -74,11 +109,23 @@ class ReplayResult:
     stats: DecodeStats
     late_events: int
     counts: dict[str, int] = field(default_factory=dict)
+    malformed_events: dict[str, int] = field(default_factory=dict)
+    """Decoded events the session refused, by reason (`Session.malformed`); `stats.malformed` counts frames."""
+    applied: int = 0
+    """Decoded events the feature engine applied: with `malformed_events`, every one of `stats.events`."""
+    out_of_order: int = 0
+    """Snapshots dropped because their tick was older than one already ranked (`Session.out_of_order`)."""
 
     def summary(self) -> dict[str, Any]:
-        return {"digest": self.digest, "rank_events": self.rank_events, "snapshots": self.snapshots,
-                "frames": self.stats.frames, "events": self.stats.events, "malformed": self.stats.malformed,
-                "late_events": self.late_events}
+        out = {"digest": self.digest, "rank_events": self.rank_events, "snapshots": self.snapshots,
+               "frames": self.stats.frames, "events": self.stats.events, "malformed": self.stats.malformed,
+               "late_events": self.late_events}
+        refused = sum(self.malformed_events.values())
+        if refused:  # absent when zero: a clean recording's summary stays what it was
+            out["malformed_events"] = refused
+        if self.out_of_order:
+            out["out_of_order_snapshots"] = self.out_of_order
+        return out
 
 
 def replay(paths: list[Path], cfg: ScreenerConfig, *, store: ScreenerStore | None = None) -> ReplayResult:
@@ -94,7 +141,7 @@ def replay(paths: list[Path], cfg: ScreenerConfig, *, store: ScreenerStore | Non
         n_events += len(session.on_event(ev))
     n_events += len(session.finish())
     return ReplayResult(session.digest, n_events, session.snapshots, stats, session.engine.late_events,
-                        dict(session.pipeline.counts))
+                        dict(session.pipeline.counts), session.malformed, session.engine.events, session.out_of_order)
 
 
 def write_expected(path: Path, result: ReplayResult, cfg: ScreenerConfig, sources: list[Path]) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from cambium.core.errors import DataError
-from cambium.market.binance import ControlReply, MalformedFrame, decode_binance
+from cambium.market.binance import ControlReply, MalformedFrame, decode_binance, wire_number
 from cambium.market.captures import iter_hftbacktest
 from cambium.market.events import MarketEvent
 from cambium.market.recorder import Record, read_recording
@@ -48,10 +48,14 @@ def _file_symbol(path: Path) -> str | None:
 
 
 def depth_snapshot_event(body: dict[str, Any], symbol: str, recv_ns: int, source: str) -> MarketEvent:
-    """A REST `/depth` response as a book event of kind "snapshot" (KeyError/TypeError/ValueError if malformed)."""
-    payload = {"kind": "snapshot", "bids": [[float(p), float(q)] for p, q in body["bids"]],
-               "asks": [[float(p), float(q)] for p, q in body["asks"]], "last_update_id": int(body["lastUpdateId"])}
-    return MarketEvent(int(body.get("E", recv_ns // 1_000_000)), source, symbol, "book", payload, recv_ns)
+    """A REST `/depth` response as a book event of kind "snapshot" (KeyError/TypeError/ValueError if malformed: a
+    price or size that is not a finite number in range, an id or time that is not an integer)."""
+    last, ts = body["lastUpdateId"], body.get("E", recv_ns // 1_000_000)
+    if type(last) is not int or type(ts) is not int:
+        raise TypeError(f"lastUpdateId={last!r} and E={ts!r} must be integers")
+    payload = {"kind": "snapshot", "bids": [[wire_number(p), wire_number(q)] for p, q in body["bids"]],
+               "asks": [[wire_number(p), wire_number(q)] for p, q in body["asks"]], "last_update_id": last}
+    return MarketEvent(ts, source, symbol, "book", payload, recv_ns)
 
 
 def _rest_snapshot(frame: str, symbol: str | None, recv_ns: int, source: str) -> MarketEvent | None:
@@ -59,7 +63,7 @@ def _rest_snapshot(frame: str, symbol: str | None, recv_ns: int, source: str) ->
         return None
     try:
         return depth_snapshot_event(orjson.loads(frame), symbol, recv_ns, source)
-    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):  # the last: a body not a dict
         return None
 
 

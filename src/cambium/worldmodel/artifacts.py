@@ -1,6 +1,11 @@
 """What the pipeline's phases leave in a run directory, and how it is read back: segments and split, tokenizer and
 JEPA weights, the pretokenized codes, probe numbers. The pipeline writes these files; the report and later phases
 read them through `RunArtifacts`.
+
+Every intermediate a later phase trusts carries its sha256: `codes/index.json` lists each `codes/*.npy` with its hash,
+and `phases.json` records the hashes of the files each phase left (`PHASE_OUTPUTS`). Reading one back (a later phase,
+a resume, the report) verifies it, and a file edited in between is refused in one line naming it and the phase that
+makes it again.
 """
 
 from __future__ import annotations
@@ -12,10 +17,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from cambium.core.errors import ConfigError
-from cambium.core.files import atomic_write
+from cambium.core.errors import ConfigError, DataError
+from cambium.core.files import atomic_write, file_sha256
 from cambium.worldmodel.config import WorldModelConfig
 from cambium.worldmodel.data import Split, load_segments
 from cambium.worldmodel.evaluation import CodedSeries, probe_dataset, run_probes
@@ -24,7 +31,14 @@ from cambium.worldmodel.jepa import WorldModelJEPA
 from cambium.worldmodel.tokenizer import FSQTokenizer
 from cambium.worldmodel.training import CandleSeries
 
-__all__ = ["RunArtifacts", "code_batch_fn", "load_coded", "n_train_patches", "save_npy", "write_json"]
+__all__ = ["PHASES_FILE", "PHASE_OUTPUTS", "RunArtifacts", "code_batch_fn", "load_coded", "n_train_patches",
+           "output_hashes", "save_npy", "verified", "write_json"]
+
+PHASES_FILE = "phases.json"
+# The files each phase leaves for later phases (relative to the run directory), hashed into phases.json.
+PHASE_OUTPUTS: dict[int, tuple[str, ...]] = {1: ("data/import.json",), 2: ("tokenizer.safetensors",),
+                                             3: ("codes/index.json",), 4: ("jepa.safetensors",)}
+_MAKER = {name: phase for phase, names in PHASE_OUTPUTS.items() for name in names}
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -39,13 +53,71 @@ def save_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def output_hashes(run_dir: Path, phase: int) -> dict[str, str]:
+    """sha256 of the files `phase` left for later phases (those that exist)."""
+    return {name: file_sha256(run_dir / name) for name in PHASE_OUTPUTS.get(phase, ()) if (run_dir / name).is_file()}
+
+
+def _refuse(path: Path, run_dir: Path, phase: int, why: str) -> DataError:
+    return DataError(f"{path}: {why}; it was edited after phase {phase} wrote it — redo it with `cambium worldmodel "
+                     f"pipeline --resume {run_dir.name} --start-phase {phase}`")
+
+
+def verified(run_dir: Path, name: str) -> Path:
+    """`run_dir / name`, checked against the sha256 that phases.json recorded for it (when it recorded one)."""
+    path = run_dir / name
+    phases = run_dir / PHASES_FILE
+    if not phases.is_file():
+        return path
+    try:
+        recorded = json.loads(phases.read_text(encoding="utf-8")).get("hashes", {}).get(name)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise DataError(f"{phases}: unreadable ({exc}); redo the run's phases with --start-phase") from None
+    if recorded is None:
+        return path
+    if not path.is_file():
+        raise _refuse(path, run_dir, _MAKER[name], "missing")
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise _refuse(path, run_dir, _MAKER[name], f"sha256 {actual[:12]} differs from {recorded[:12]} in "
+                      f"{PHASES_FILE}")
+    return path
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    """A trained model's weights as safetensors (no pickle: the file can travel), written atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def load_weights(path: Path) -> dict[str, Tensor]:
+    """Weights written by `save_weights`; anything else (a pickle, a damaged file) is one DataError."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise DataError(f"{path}: not a safetensors weights file ({exc}); rerun the phase that writes it") from None
+
+
 def load_coded(run_dir: Path, segments: list[CandleSeries], patch_length: int) -> list[CodedSeries]:
-    """The pretokenized codes of phase 3, joined with their candle segments."""
-    index = json.loads((run_dir / "codes" / "index.json").read_text(encoding="utf-8"))
+    """The pretokenized codes of phase 3, joined with their candle segments (every file checked against its hash)."""
+    index_path = verified(run_dir, "codes/index.json")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        entries = list(index["segments"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise _refuse(index_path, run_dir, 3, f"unreadable ({exc})") from None
     by_name = {s.name: s for s in segments}
     out = []
-    for entry in index["segments"]:
-        codes = torch.from_numpy(np.load(run_dir / "codes" / entry["file"]).astype(np.int64))
+    for entry in entries:
+        path = run_dir / "codes" / entry["file"]
+        if path.parent != run_dir / "codes" or entry["name"] not in by_name:
+            raise _refuse(index_path, run_dir, 3, f"entry {entry!r} names no code file of this run")
+        if "sha256" in entry and (not path.is_file() or file_sha256(path) != entry["sha256"]):
+            raise _refuse(path, run_dir, 3, "does not match its sha256 in codes/index.json")
+        try:
+            codes = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+        except (OSError, ValueError) as exc:
+            raise _refuse(path, run_dir, 3, f"unreadable ({exc})") from None
         out.append(CodedSeries(by_name[entry["name"]], codes, int(entry["offset"]), patch_length))
     return out
 
@@ -109,19 +181,19 @@ class RunArtifacts:
 
     def segments(self) -> tuple[list[CandleSeries], Split]:
         if self._segments is None or self._split is None:
-            info = json.loads((self.run_dir / "data" / "import.json").read_text(encoding="utf-8"))
+            info = json.loads(verified(self.run_dir, "data/import.json").read_text(encoding="utf-8"))
             self._segments = load_segments(self.store_root, self.cfg.data, sorted(info["symbols"]))
             self._split = Split(**info["split"])
         return self._segments, self._split
 
     def load_tokenizer(self) -> FSQTokenizer:
         tokenizer = FSQTokenizer(self.cfg.tokenizer)
-        tokenizer.load_state_dict(torch.load(self.run_dir / "tokenizer.pt", map_location="cpu", weights_only=True))
+        tokenizer.load_state_dict(load_weights(verified(self.run_dir, "tokenizer.safetensors")))
         return tokenizer.eval()
 
     def load_jepa(self) -> WorldModelJEPA:
         model = WorldModelJEPA(self.cfg.jepa, self.load_tokenizer())
-        model.load_state_dict(torch.load(self.run_dir / "jepa.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(load_weights(verified(self.run_dir, "jepa.safetensors")))
         return model.eval()
 
     def coded(self) -> list[CodedSeries]:

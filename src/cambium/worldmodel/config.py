@@ -123,7 +123,8 @@ class TokenizerConfig(ConfigModel):
 
     patch_length: int = Field(16, ge=2, description="bars per patch (one code per patch)")
     hidden_channels: int = Field(128, ge=1, description="channels of the encoder and decoder convolutions")
-    n_layers: int = Field(4, ge=1, description="dilated residual conv layers in the encoder and in the decoder")
+    n_layers: int = Field(4, ge=1, le=64,
+                          description="dilated residual conv layers in the encoder and in the decoder")
     kernel_size: int = Field(3, ge=2, description="kernel width of the causal convolutions")
     dilation_base: int = Field(2, ge=1, description="layer i uses dilation dilation_base**i")
     fsq_levels: tuple[int, ...] = Field((8, 5, 5, 5), description="FSQ levels per latent channel (prod = codes)")
@@ -134,7 +135,12 @@ class TokenizerConfig(ConfigModel):
     def _check(self) -> TokenizerConfig:
         if len(self.fsq_levels) < 1 or any(v < 2 for v in self.fsq_levels):
             raise ValueError(f"fsq_levels={list(self.fsq_levels)} must be integers >= 2 (e.g. [8, 5, 5, 5])")
-        field = 1 + (self.kernel_size - 1) * sum(self.dilation_base**i for i in range(self.n_layers))
+        field, dilation = 1, 1
+        for _ in range(self.n_layers):  # stops once the patch is covered: dilation_base**i grows without bound
+            field += (self.kernel_size - 1) * dilation
+            if field >= self.patch_length:
+                break
+            dilation *= self.dilation_base
         if field < self.patch_length:
             raise ValueError(
                 f"receptive field {field} of n_layers={self.n_layers}, kernel_size={self.kernel_size}, "

@@ -11,8 +11,10 @@ touches another phase's rows: phase 1 at step 1, phase 2 at 2 … S1 + 1, phase 
 S1 + 2 + S2, phase 5 at S1 + S2 + 3. Names carry the phase (`import/`, `tokenizer/`, `pretokenize/`, `jepa/`,
 `probe/`); wall-clock figures go under `perf/`. A phase starts from fixed seeds (seed · 100 + phase), so running it
 in a fresh process or after the earlier phases in one process gives the same numbers. `phases.json` lists the phases
-done (with the step counts of the training phases); a resumed run continues with the first phase not done, or whose
-step count the resume raised (from the phase's latest checkpoint when it trains), and redoes every phase after it.
+done (with the step counts of the training phases and the sha256 of each file a phase leaves for later ones, checked
+when they are read back: see `cambium.worldmodel.artifacts`); a resumed run continues with the first phase not done,
+or whose step count the resume raised (from the phase's latest checkpoint when it trains), and redoes every phase
+after it.
 
 Phases 2 and 4 are `cambium.core.loop` tasks (`TokenizerTask`, `JEPATask`) that the run's session trains on
 `pipeline.device`, with a hold-out loss at every evaluation; phases 1, 3 and 5 run on the CPU. Under torchrun the
@@ -35,11 +37,21 @@ import torch
 from torch import Tensor
 
 from cambium.core.errors import ConfigError, RunError
-from cambium.core.files import atomic_write
+from cambium.core.files import file_sha256
 from cambium.core.loop import Session, open_session
 from cambium.core.progress import ProgressReporter, get_logger
 from cambium.core.runs import get_run
-from cambium.worldmodel.artifacts import RunArtifacts, code_batch_fn, load_coded, save_npy, write_json
+from cambium.worldmodel.artifacts import (
+    PHASE_OUTPUTS,
+    PHASES_FILE,
+    RunArtifacts,
+    code_batch_fn,
+    load_coded,
+    output_hashes,
+    save_npy,
+    save_weights,
+    write_json,
+)
 from cambium.worldmodel.config import WorldModelConfig
 from cambium.worldmodel.data import (
     Split,
@@ -60,7 +72,6 @@ __all__ = ["PHASES", "Pipeline", "PipelineResult", "phase_steps", "phases_done",
 
 log = get_logger("cambium.worldmodel.pipeline")
 PHASES = {1: "import", 2: "strate1", 3: "tokenize", 4: "strate2", 5: "evaluate"}
-PHASES_FILE = "phases.json"
 
 
 def phase_steps(cfg: WorldModelConfig) -> dict[int, tuple[int, int]]:
@@ -111,14 +122,24 @@ class Pipeline(RunArtifacts):
     def done(self) -> list[int]:
         return phases_done(self.run.dir, self.cfg)
 
+    def _hashes_before(self, phase: int) -> dict[str, str]:
+        """The recorded hashes of the outputs of the done phases before `phase`."""
+        path = self.run.dir / PHASES_FILE
+        hashes = json.loads(path.read_text(encoding="utf-8")).get("hashes", {}) if path.exists() else {}
+        keep = {name for p in self.done() if p < phase for name in PHASE_OUTPUTS.get(p, ())}
+        return {name: digest for name, digest in hashes.items() if name in keep}
+
     def _mark(self, phase: int) -> None:
         self.session.metrics.flush()
         write_json(self.run.dir / PHASES_FILE, {"done": sorted({*[p for p in self.done() if p < phase], phase}),
-                                                "steps": _trained_steps(self.cfg)})
+                                                "steps": _trained_steps(self.cfg),
+                                                "hashes": {**self._hashes_before(phase),
+                                                           **output_hashes(self.run.dir, phase)}})
 
     def _unmark_from(self, phase: int) -> None:
         write_json(self.run.dir / PHASES_FILE, {"done": [p for p in self.done() if p < phase],
-                                                "steps": _trained_steps(self.cfg)})
+                                                "steps": _trained_steps(self.cfg),
+                                                "hashes": self._hashes_before(phase)})
 
     def _seed(self, phase: int) -> torch.Generator:
         seed = self.cfg.pipeline.seed * 100 + phase
@@ -173,7 +194,7 @@ class Pipeline(RunArtifacts):
         task = TokenizerTask(tokenizer, train, self.cfg.train_tokenizer, gen, p, device=device, holdout=holdout)
         self._train(2, "tokenizer", task)
         if self.session.is_main:
-            atomic_write(self.run.dir / "tokenizer.pt", lambda f: torch.save(tokenizer.state_dict(), f))
+            save_weights(self.run.dir / "tokenizer.safetensors", tokenizer)
             self._mark(2)
 
     @torch.no_grad()
@@ -199,7 +220,7 @@ class Pipeline(RunArtifacts):
             file = f"{i:04d}_{s.name}.npy"
             save_npy(out_dir / file, codes.numpy().astype(np.int16))
             entries.append({"name": s.name, "file": file, "offset": offset, "patches": int(codes.shape[0]),
-                            "first_open_time": int(s.open_time_ms[offset])})
+                            "first_open_time": int(s.open_time_ms[offset]), "sha256": file_sha256(out_dir / file)})
             cs = CodedSeries(s, codes, offset, patch)
             ends = s.open_time_ms[cs.end_bar(torch.arange(codes.shape[0]))]
             train_codes.append(codes[ends < split.split_ms])
@@ -241,7 +262,7 @@ class Pipeline(RunArtifacts):
                         holdout=self._jepa_holdout(coded, split))
         self._train(4, "jepa", task)
         if self.session.is_main:
-            atomic_write(self.run.dir / "jepa.pt", lambda f: torch.save(model.state_dict(), f))
+            save_weights(self.run.dir / "jepa.safetensors", model)
             self._mark(4)
 
     def _jepa_holdout(self, coded: list[CodedSeries], split: Split) -> tuple[Tensor, Tensor, Tensor] | None:
