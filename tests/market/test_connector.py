@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 from pathlib import Path
 
@@ -80,6 +81,11 @@ def test_every_frame_in_order_across_disconnects_and_malformed_counted(btc_recor
     assert [(s.endpoint, s.streams) for s in conn.stats] == [("market", 1), ("public", 2)]
     assert got == want and sum(map(len, want.values())) == 11999  # every frame but the REST snapshot line
     assert sum(s.malformed for s in conn.stats) == srv.stats.malformed_sent > 250
+    by_reason: collections.Counter[str] = collections.Counter()
+    for s in conn.stats:
+        by_reason.update(s.malformed_by_reason)
+    # the server's four malformed frames: cut JSON and plain text ('json'), no data, a JSON array
+    assert sum(by_reason.values()) == srv.stats.malformed_sent and {"json", "envelope"} <= set(by_reason)
     assert sum(s.disconnects for s in conn.stats) >= 7 and srv.stats.connections == sum(s.connects for s in conn.stats)
     assert {p for p in srv.stats.connection_paths} == {"/public/stream", "/market/stream"}
     assert {e.type for e in events} == {"trade", "book"} and len(events) == 11999

@@ -55,6 +55,7 @@ class ShardStats:
     disconnects: int = 0
     frames: int = 0
     malformed: int = 0
+    malformed_by_reason: dict[str, int] = field(default_factory=dict)  # MalformedFrame.reason, or 'utf8'
     control_sent: int = 0
     control_errors: int = 0
     stale_reconnects: int = 0
@@ -63,6 +64,14 @@ class ShardStats:
     backoff_delays: list[float] = field(default_factory=list)
     connect_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
     control_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
+
+
+def _count_malformed(stats: ShardStats, reason: str, sid: int, what: str) -> None:
+    stats.malformed += 1
+    stats.malformed_by_reason[reason] = stats.malformed_by_reason.get(reason, 0) + 1
+    if stats.malformed & (stats.malformed - 1) == 0:  # the 1st, 2nd, 4th, ... : a trace without a flood
+        log.warning("shard %d: malformed frame skipped (%d so far; reason %s): %s", sid, stats.malformed, reason,
+                    what[:200])
 
 
 class _Shard:
@@ -210,12 +219,12 @@ class _Shard:
                 try:
                     frame = frame.decode()
                 except UnicodeDecodeError:
-                    stats.malformed += 1
+                    _count_malformed(stats, "utf8", sid, "not UTF-8 text")
                     continue
             try:
                 out = decode(frame, recv_ns)
-            except MalformedFrame:
-                stats.malformed += 1
+            except MalformedFrame as exc:
+                _count_malformed(stats, exc.reason, sid, str(exc))
                 continue
             if isinstance(out, ControlReply):
                 if out.error is not None:

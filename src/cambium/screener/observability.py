@@ -39,8 +39,8 @@ class ScreenerMetrics:
                                   "(since the previous read)", ["shard"], registry=r)
         self.reconnects = Gauge("cambium_screener_reconnects_total", "Reconnections per shard (connects − 1)",
                                 ["shard"], registry=r)
-        self.malformed = Gauge("cambium_screener_malformed_frames_total", "Malformed frames counted and skipped",
-                               ["shard"], registry=r)
+        self.malformed = Gauge("cambium_screener_malformed_frames_total", "Malformed frames counted and skipped, by "
+                               "reason (json, envelope, event, payload, utf8)", ["shard", "reason"], registry=r)
         self.incidents = Counter("cambium_screener_incidents_total", "Rate-limit incidents (HTTP 429 / 418)",
                                  ["kind"], registry=r)
         self.dropped = Gauge("cambium_screener_dropped_events_total", "Events dropped by full notifier queues",
@@ -74,7 +74,8 @@ class ScreenerMetrics:
             label = str(st.shard)
             self.messages.labels(label).set(st.frames)
             self.reconnects.labels(label).set(max(0, st.connects - 1))
-            self.malformed.labels(label).set(st.malformed)
+            for reason, n in st.malformed_by_reason.items():
+                self.malformed.labels(label, reason).set(n)
             prev = self._last_frames.get(st.shard)
             if prev is not None and now > prev[1]:
                 self.message_rate.labels(label).set((st.frames - prev[0]) / (now - prev[1]))
