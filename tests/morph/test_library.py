@@ -10,10 +10,10 @@ import threading
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as safetensors_load
 
 from cambium.morph.bus import InProcessBus
 from cambium.morph.cache import KernelCache, module_bytes
@@ -152,7 +152,7 @@ def test_kernel_payload_is_safetensors_and_pickles_are_refused(urza, tmp_path):
     tz = Tezzeret(urza)
     art = tz.compile(bp.blueprint_id, CompileSettings(init_seed=3))
     _, payload = urza.kernel(art.artifact_id)
-    tensors = safetensors.torch.load(payload)  # a plain safetensors file, readable by any safetensors reader
+    tensors = safetensors_load(payload)  # a plain safetensors file, readable by any safetensors reader
     kernel = load_kernel(payload, art)
     assert set(tensors) == set(kernel.state_dict())
     assert all(torch.equal(tensors[k], v) for k, v in kernel.state_dict().items())

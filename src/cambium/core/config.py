@@ -29,6 +29,7 @@ from typing import Any, ClassVar, TypeVar
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic.fields import FieldInfo
 
 from cambium.core.errors import ConfigError
 
@@ -153,7 +154,7 @@ def is_resume_safe(model: type[BaseModel], dotted: str) -> bool:
         if current is None or part not in current.model_fields:
             return False
         field = current.model_fields[part]
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume_safe"):
+        if _marked_safe(field):
             return True
         current = _model_in(field.annotation)
     return False
@@ -167,6 +168,10 @@ def resume_fingerprint(cfg: BaseModel) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _marked_safe(field: FieldInfo) -> bool:
+    return isinstance(field.json_schema_extra, dict) and bool(field.json_schema_extra.get("resume_safe"))
+
+
 def _diff(old: Any, new: Any, path: list[str], out: list[str]) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
         for key in sorted(set(old) | set(new)):
@@ -177,7 +182,7 @@ def _diff(old: Any, new: Any, path: list[str], out: list[str]) -> None:
 
 def _drop_safe(model: type[BaseModel], data: dict[str, Any]) -> None:
     for name, field in model.model_fields.items():
-        if isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("resume_safe"):
+        if _marked_safe(field):
             data.pop(name, None)
             continue
         sub = _model_in(field.annotation)
@@ -237,9 +242,7 @@ def _parse_text(key: str, raw: str) -> str:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"override {key}={raw}: a value that starts with a quote must be one TOML string "
                           f"({exc}); drop the quotes to pass the text as it is") from None
-    if not isinstance(value, str):  # pragma: no cover - a quoted TOML value is a string
-        raise ConfigError(f"override {key}={raw}: not a string")
-    return value
+    return str(value)  # a TOML value that starts with a quote is a string
 
 
 def _parse_toml_value(raw: str) -> Any:

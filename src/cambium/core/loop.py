@@ -360,11 +360,10 @@ class Session:
         self.barrier()
 
     def fit(self, task: Task, *, offset: int = 0, phase: str | None = None, prefix: str = "",
-            loop: LoopConfig | None = None, stop_after: int | None = None) -> LoopResult:
+            stop_after: int | None = None) -> LoopResult:
         """Train `task` to its end from where its checkpoints left it (or for `stop_after` more steps, checkpointed
-        there). Metric rows and checkpoints are numbered `offset + steps done`; names get `prefix`; `loop` overrides
-        the session's loop settings for this phase."""
-        cfg = loop or self.loop
+        there). Metric rows and checkpoints are numbered `offset + steps done`; names get `prefix`."""
+        cfg = self.loop
         total = cfg.max_steps if cfg.max_steps is not None else task.total_steps()
         if self.dist.world_size > 1:
             task.parallelize(self.dist)

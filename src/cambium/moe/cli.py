@@ -53,8 +53,9 @@ def train_command(
 
     cfg = load_run_config(MoEConfig, runs_dir, config=config, resume=resume,
                           overrides=set_, device=device, section="train")
-    # A new run rebuilds stale data (--prep); a resumed run was trained on the old data and refuses it.
-    if prep or resume is not None:
+    # A new run rebuilds missing or stale data; a resumed run was trained on the old data and refuses it. --no-prep
+    # skips this, and the data loaders still check their sources' hashes.
+    if prep:
         ensure_mixture(cfg.data.mixture, rebuild=resume is None,
                        how=f"cambium moe prep-mixture --config {config or 'CONFIG'}")
     result = train(cfg, runs_dir, resume=resume, reporter=ProgressReporter.from_env())

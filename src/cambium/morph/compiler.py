@@ -25,9 +25,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import safetensors.torch
 import torch
 from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from cambium.morph.bus import InProcessBus
@@ -68,7 +69,7 @@ def serialize(ir: BlueprintIR, settings: CompileSettings, module: nn.Module) -> 
     state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
     meta = json.dumps({"format": PAYLOAD_FORMAT, "ir": ir.model_dump_json(), "settings": settings.model_dump_json()},
                       sort_keys=True)
-    return safetensors.torch.save(state, metadata={_META_KEY: meta})
+    return safetensors_save(state, metadata={_META_KEY: meta})
 
 
 def payload_header(payload: bytes) -> dict[str, str] | None:
@@ -100,7 +101,7 @@ def load_kernel(payload: bytes, record: CompiledKernelArtifact) -> nn.Module:
         raise ArtifactError(f"{name} is not a {PAYLOAD_FORMAT} safetensors payload (pickled or older kernels are "
                             "refused): recompile it")
     try:
-        state = safetensors.torch.load(payload)
+        state = safetensors_load(payload)
         ir = parse(BlueprintIR, meta["ir"])
         settings = parse(CompileSettings, meta["settings"])
     except (SafetensorError, ValueError) as exc:

@@ -11,7 +11,7 @@ from cambium.core import cli_options as options
 from cambium.core.config import load
 from cambium.core.errors import ConfigError
 from cambium.core.progress import ProgressReporter
-from cambium.data.mixture import prepare_mixture
+from cambium.data.mixture import ensure_mixture
 from cambium.nested.config import NestedConfig
 
 app = typer.Typer(help="Nested learning: models whose forward pass is optimisation (MAG over sliding-window "
@@ -21,11 +21,6 @@ SET = options.SET
 RUNS = options.RUNS_DIR
 
 
-def _prepare_if_missing(cfg: NestedConfig) -> None:
-    if not (cfg.context.mixture.out_dir / "mixture.json").exists():
-        prepare_mixture(cfg.context.mixture)
-
-
 @app.command("build")
 def build_command(
     config: Path | None = options.CONFIG,
@@ -33,7 +28,8 @@ def build_command(
     runs_dir: Path = RUNS,
     resume: str | None = options.RESUME,
     device: str | None = options.DEVICE,
-    prep: bool = typer.Option(True, help="Tokenize the context's mixture first if it is missing."),
+    prep: bool = typer.Option(True, help="Tokenize the context's mixture first if it is missing or its sources "
+                              "changed (a new run)."),
 ) -> None:
     """Build a model on its context (a new run, or --resume an existing one exactly where it stopped)."""
     from cambium.core.loop import load_run_config
@@ -41,8 +37,11 @@ def build_command(
 
     cfg = load_run_config(NestedConfig, runs_dir, config=config, resume=resume,
                           overrides=set_, device=device, section="build")
+    # A new run rebuilds missing or stale data; a resumed run was trained on the old data and refuses it. --no-prep
+    # skips this, and the data loaders still check their sources' hashes.
     if prep:
-        _prepare_if_missing(cfg)
+        ensure_mixture(cfg.context.mixture, rebuild=resume is None,
+                       how=f"cambium nested build --config {config or 'CONFIG'} (a new run prepares it)")
     result = build(cfg, runs_dir, resume=resume, reporter=ProgressReporter.from_env(), measure_peak=True)
     Console().print(f"run {result.run_id}: {result.steps} steps, {result.events:,} tokens; "
                     + ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.final.items())))
@@ -73,7 +72,7 @@ def demo(runs_dir: Path = Path("runs")) -> None:
     if not path.is_file():
         raise ConfigError(f"{path} not found: run the demo from the repository root")
     cfg = load(path, NestedConfig, ["build.steps=120", "build.eval_every=60", "build.checkpoint_every=60"])
-    _prepare_if_missing(cfg)
+    ensure_mixture(cfg.context.mixture, rebuild=True)
     result = build(cfg, runs_dir)
     values = evaluate_run(runs_dir, result.run_id)
     Console().print(f"nested tiny ({cfg.model.composition}): run {result.run_id}, {result.steps} steps, "
