@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	# constraints.txt pins torch to the local CPU build; without it pip may resolve a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	# torchcfm without its declared dependencies (they pull torchvision); what it imports is already installed
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt --no-deps torchcfm
 	@touch $(STAMP)
 
 setup: $(STAMP)
