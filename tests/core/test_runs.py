@@ -298,13 +298,13 @@ def test_cli_ls_show_compare(tmp_path: Path) -> None:
 def test_cli_help_covers_every_option() -> None:
     group = typer.main.get_command(runs_app)
     commands = getattr(group, "commands", {})  # typer >= 0.20 vendors its own click: no isinstance check
-    assert sorted(commands) == ["compare", "ls", "show"]
+    assert sorted(commands) == ["compare", "export", "ls", "show"]
     for command in commands.values():
         assert command.help
         for param in command.params:
             assert getattr(param, "help", None), f"{command.name}: {param.name} has no help text"
     cli = CliRunner()
-    for name in ("ls", "show", "compare"):
+    for name in ("ls", "show", "compare", "export"):
         result = cli.invoke(runs_app, [name, "--help"])
         assert result.exit_code == 0 and "--runs-dir" in result.output
 

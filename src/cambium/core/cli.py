@@ -1,7 +1,8 @@
-"""`cambium runs ls|show|compare`: read the run registry, run directories, metrics and checkpoints.
+"""`cambium runs ls|show|compare|export`: read the run registry, run directories, metrics and checkpoints.
 
-Mounted by `cambium.cli` as the `runs` group. Never changes a run's files; the only write is the registry marking a
-"running" run whose process has died as "killed" (see `cambium.core.runs`).
+Mounted by `cambium.cli` as the `runs` group. Never changes a run's files; the only writes are the registry marking a
+"running" run whose process has died as "killed" (see `cambium.core.runs`), and `export`, which writes under its --out
+(default `<run dir>/export/<format>`, see `cambium.core.export`).
 """
 
 from __future__ import annotations
@@ -133,6 +134,24 @@ def compare_command(
         console.print(table)
     else:
         console.print("no metric names in common")
+
+
+@runs_app.command("export")
+def export_command(
+    run: Annotated[str, typer.Argument(help="run id or a unique prefix of one")],
+    to: Annotated[str, typer.Option("--to", help="format: tensorboard (event files) or mlflow (an MLflow file "
+                                    "store)")],
+    root: RootOption = Path("runs"),
+    out: Annotated[Path | None, typer.Option("--out", help="where to write (default: <run dir>/export/<format>)")]
+    = None,
+) -> None:
+    """Write a finished run's metrics as TensorBoard event files or an MLflow file store, for those tools' viewers."""
+    from cambium.core.export import export_run
+
+    done = export_run(root, run, to, out)
+    viewer = (f"tensorboard --logdir {done['out']}" if to == "tensorboard"
+              else f"MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri {Path(done['out']).resolve().as_uri()}")
+    _console().print(f"exported {done['rows']} rows of {done['names']} metrics to {done['out']} (view: {viewer})")
 
 
 def _console() -> Console:
