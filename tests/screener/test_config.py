@@ -49,8 +49,9 @@ def test_every_field_is_described() -> None:
     ("notify.telegram.events=[\"SYMBOL_WOBBLE\"]", r"notify.telegram.events.0"),
     ("storage.rotate_rows=10", r"rotate_rows=10 must be >= batch_rows=1000"),
     ("ranker.top_kk=3", r"did you mean 'top_k'"),
-    # No command explains its events yet: an explain table is refused, not accepted and ignored.
-    ("explain.llm_enabled=true", r"'explain' is not built yet \(no screener command explains its events"),
+    ("explain.llm_url=ftp://x", r"llm_url='ftp://x' must be an http:// or https:// URL"),
+    ("train.calibration=beta", r"train.calibration"),
+    ("train.holdout_fraction=1.0", r"train.holdout_fraction"),
     ("storage.root=/tmp/x", r"unknown key 'storage.root'"),  # where the store goes is the command's --store
     ("features.stale_ms=5000", r"unknown key 'features.stale_ms'"),  # staleness is status.max_stale_*_ms
 ])
@@ -59,11 +60,9 @@ def test_bad_values_are_named(override: str, match: str) -> None:
         load(DEFAULT, CONFIG_MODEL, [override])
 
 
-def test_an_explain_table_in_a_file_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "old.toml"
-    path.write_text(DEFAULT.read_text() + "\n[explain]\nllm_enabled = true\n")
-    with pytest.raises(ConfigError, match=r"old.toml: explain: not built yet \(no screener command"):
-        load(path, CONFIG_MODEL)
+def test_explain_and_train_tables_are_read_from_the_file() -> None:
+    cfg = load(DEFAULT, CONFIG_MODEL, ["explain.max_tooltips=2", "train.cv_folds=3"])
+    assert cfg.explain.max_tooltips == 2 and cfg.train.cv_folds == 3 and not cfg.explain.llm_enabled
 
 
 def test_overrides_apply() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import msgspec
@@ -70,7 +71,13 @@ def test_pipeline_writes_storage_and_notifies(tmp_path: Path) -> None:
                                         "burst": 1000}}, NotifyConfig)
         store = ScreenerStore(StorageConfig(batch_rows=16, rotate_rows=64), root=tmp_path)
         events, _ = run(store, build_notifiers(notify, env={}))
-        assert [decode(body, RankEvent) for _, body in server.requests] == events
+        posted = [decode(body, RankEvent) for _, body in server.requests]
+    # every ALERT reaches the webhook with its template explanation; the stored events are the ranked ones
+    alerts = [e for e in posted if e.event.startswith("ALERT_")]
+    assert alerts and all(str(e.payload["headline"]).startswith(f"{e.symbol} ") and e.payload["explanation"]
+                          for e in alerts)
+    assert [msgspec.structs.replace(e, payload={k: v for k, v in e.payload.items()
+                                                if k not in ("headline", "explanation")}) for e in posted] == events
     assert read_rank_events(tmp_path) == events
     con = connect(tmp_path)
     assert con.execute("SELECT count(*) FROM predictions").fetchone() == (90,)
@@ -79,10 +86,11 @@ def test_pipeline_writes_storage_and_notifies(tmp_path: Path) -> None:
 
 def test_failing_snapshots_are_counted_and_skipped() -> None:
     class Flaky(ModelRunner):
-        def predict(self, snap: FeatureSnapshot, profile: str | None = None) -> PredictionSnapshot:  # type: ignore[override]
-            if snap.symbol == "ETHUSDT":
+        def predict_batch(self, snaps: Sequence[FeatureSnapshot],  # type: ignore[override]
+                          profile: str | None = None) -> list[PredictionSnapshot]:
+            if any(snap.symbol == "ETHUSDT" for snap in snaps):
                 raise DataError("model returned nan")
-            return super().predict(snap)
+            return super().predict_batch(snaps)
 
     pipe = Pipeline(CFG, runner=Flaky())
     for ts, snaps in ticks()[:3]:
@@ -96,3 +104,36 @@ def test_telegram_needs_its_token_in_the_environment() -> None:
         build_notifiers(notify, env={})
     (tg,) = build_notifiers(notify, env={"CAMBIUM_TELEGRAM_TOKEN": "x"})
     tg.close()
+
+
+def test_alert_explanations_reach_the_status_page_and_telegram() -> None:
+    from fastapi.testclient import TestClient
+
+    from cambium.screener.notify import telegram_text
+    from cambium.screener.observability import ScreenerMetrics, status_app
+    from cambium.screener.replay import Session
+
+    session = Session(CFG)
+    seen: list[RankEvent] = []
+
+    class Collect:
+        def offer(self, event: RankEvent) -> bool:
+            seen.append(event)
+            return True
+
+        def close(self) -> None: ...
+
+    session.pipeline.notifiers.append(Collect())
+    for ts, snaps in ticks()[:14]:
+        session.pipeline.step(ts, snaps)
+    alerts = [e for e in seen if e.event.startswith("ALERT_")]
+    assert alerts
+    last = alerts[-1]
+    out = session.pipeline.explanations[last.symbol]
+    assert out.headline == last.payload["headline"] and out.subtext == last.payload["explanation"]
+    assert telegram_text(last).splitlines()[1:] == [out.headline, out.subtext]
+    listed = {s for s, _ in session.pipeline.ranker.ranked()}
+    client = TestClient(status_app(session, ScreenerMetrics(), lambda: []), base_url="http://127.0.0.1")
+    top = {r["symbol"]: r["explanation"] for r in client.get("/api/status").json()["top"]}
+    assert top[last.symbol] == {"headline": out.headline, "subtext": out.subtext} and last.symbol in listed
+    assert out.headline in client.get("/").text

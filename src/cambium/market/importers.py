@@ -51,6 +51,9 @@ _BINANCE_NAMES = [
     "taker_buy_quote",
     "ignore",
 ]
+# the header of data.binance.vision's futures kline CSVs (the same 12 columns under Binance's own names)
+_ARCHIVE_HEADER = ["open_time", "open", "high", "low", "close", "volume", "close_time", "quote_volume", "count",
+                   "taker_buy_volume", "taker_buy_quote_volume", "ignore"]
 _SPOT_FULL_HEADER = [
     "open_time",
     "open",
@@ -104,7 +107,7 @@ def detect_format(path: str | Path) -> str:
         return "ohlcv"
     if fields[:12] == _SPOT_FULL_HEADER:
         return "spot_full"
-    if fields[:12] == _BINANCE_NAMES or (len(fields) == 12 and fields[0].isdigit()):
+    if fields[:12] in (_BINANCE_NAMES, _ARCHIVE_HEADER) or (len(fields) == 12 and fields[0].isdigit()):
         return "binance_csv"
     raise DataError(
         f"{path}: unknown kline format (first line {head[:120]!r}); expected one of the headers described in "

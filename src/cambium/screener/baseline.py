@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from cambium.screener.config import BaselineConfig
 from cambium.screener.contracts import FeatureSnapshot, Profile
 
-__all__ = ["BASELINE_VERSION", "REQUIRED_FEATURES", "BaselineOutput", "baseline_predict", "norm_cdf"]
+__all__ = ["BASELINE_VERSION", "REQUIRED_FEATURES", "BaselineOutput", "baseline_predict", "baseline_values", "norm_cdf"]
 
 BASELINE_VERSION = "baseline-v1"
 REQUIRED_FEATURES = ("spread_bps", "impact_bps", "realized_vol_bps_60s")
@@ -65,8 +65,14 @@ def baseline_predict(snap: FeatureSnapshot, profile: Profile, cfg: BaselineConfi
     impact = feats["impact_bps"]
     vol60 = feats["realized_vol_bps_60s"]
     assert spread is not None and impact is not None and vol60 is not None
-    flow10 = feats.get("flow_imbalance_10s") or 0.0
-    flow60 = feats.get("flow_imbalance_60s")
+    return baseline_values(spread, impact, vol60, feats.get("flow_imbalance_10s"), feats.get("flow_imbalance_60s"),
+                           profile, cfg)
+
+
+def baseline_values(spread: float, impact: float, vol60: float, flow10: float | None, flow60: float | None,
+                    profile: Profile, cfg: BaselineConfig) -> BaselineOutput:
+    """The baseline from its inputs as plain numbers (training sets call it row by row); a missing flow is 0."""
+    flow10 = flow10 or 0.0
     flow60 = flow10 if flow60 is None else flow60
 
     fees = cfg.fee_bps_a if profile == "A" else cfg.fee_bps_b

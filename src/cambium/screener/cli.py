@@ -1,4 +1,4 @@
-"""`cambium screener`: replay, live, record, demo."""
+"""`cambium screener`: replay, train, live, record, demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from cambium.core.config import load, load_data
 from cambium.core.errors import DataError
 from cambium.market.config import WsConfig
 from cambium.screener.config import ScreenerConfig
+
+if TYPE_CHECKING:
+    from cambium.screener.train import TrainResult
 
 app = typer.Typer(help="Live crypto in-play screener: replay recordings deterministically, or watch Binance live.",
                   no_args_is_help=True)
@@ -58,11 +61,44 @@ def replay_command(
     console.print(f"{s['frames']:,} frames, {s['events']:,} events ({s['malformed']} malformed, "
                   f"{s['late_events']} late{refused}), {s['snapshots']:,} snapshots, {s['rank_events']} rank events")
     print(result.digest)
+    why = result.why_no_events(cfg)
+    if why is not None:
+        console.print(why)
     if write_expected is not None:
         write(write_expected, result, cfg, recordings)
     if want is not None and want["digest"] != result.digest:
         console.print(f"[red]digest differs from {expected}: expected {want['digest']}[/red]")
         raise typer.Exit(1)
+
+
+@app.command("train")
+def train_command(
+    config: Path | None = ConfigOpt,
+    set_: list[str] = SetOpt,
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run registry root (the run and its report)."),
+) -> None:
+    """Fit LightGBM per horizon/profile (+ p_toxic) with purged CV, isotonic and Platt calibration; write the
+    artifacts (train.out_dir) and a held-out report against the heuristic and a logistic regression."""
+    from cambium.screener.train import train
+
+    cfg = _config(config, set_)
+    _print_train(train(cfg, runs_dir), cfg)
+
+
+def _print_train(result: TrainResult, cfg: ScreenerConfig) -> None:
+    active = f"lightgbm + {cfg.train.calibration}"
+    for r in result.reports:
+        m, h = r.metrics[active], r.metrics["heuristic"]
+        d, lo, hi = r.auc_diff["heuristic"]
+        console.print(f"{r.key:>16}: AUC {m['auc']:.4f} (heuristic {h['auc']:.4f}, Δ {d:+.4f} [{lo:+.4f}, {hi:+.4f}]) "
+                      f"ECE {m['ece']:.4f} on {r.n_test:,} held-out rows")
+    if result.unlabelled:
+        console.print(f"not labellable from {cfg.train.source}: {', '.join(result.unlabelled)} (the heuristic "
+                      "predicts them)")
+    for key, why in result.skipped.items():
+        console.print(f"{key:>16}: not trained, the heuristic predicts it: {why}")
+    console.print(f"artifacts {result.out_dir} (use: --set model.artifacts_dir={result.out_dir}); "
+                  f"report {result.report}")
 
 
 @app.command("live")
@@ -172,7 +208,36 @@ def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> Path:
     verdict = "matches" if want["digest"] == result.digest else "DIFFERS FROM"
     console.print(f"replay digest {result.digest} ({result.rank_events} rank events) {verdict} the committed one")
     console.print(f"replay snapshots, predictions and rank events: {out / 'store'} (Parquet, DuckDB-readable)")
+    train_demo(runs_dir, out)
     return out
+
+
+def train_demo(runs_dir: Path, out: Path) -> None:
+    """`screener train` in seconds: the committed BTC 1 m klines (2 m / 5 m models, shortened: 3 folds, 60 trees)
+    and the committed captures (every horizon through the feature engine, where six minutes hold enough rows); then
+    the captures replayed with the kline models, under the default ranker thresholds and the sample's."""
+    from cambium.screener.replay import replay
+    from cambium.screener.train import train
+
+    quick = ["train.cv_folds=3", "train.lightgbm.n_estimators=60", "train.bootstrap=50"]
+    klines_cfg = load(Path("configs/screener/default.toml"), ScreenerConfig,
+                      [*quick, f"train.out_dir={out / 'artifacts-klines'}"])
+    console.print("screener train on the committed BTCUSDT 1 m klines (shortened: 3 folds, 60 trees)")
+    klines = train(klines_cfg, runs_dir, name="demo-klines")
+    _print_train(klines, klines_cfg)
+    ticks_cfg = load(Path("configs/screener/train-ticks.toml"), ScreenerConfig,
+                     [f"train.out_dir={out / 'artifacts-ticks'}"])
+    console.print("screener train on the committed BTCUSDT/ETHUSDT captures (through the feature engine)")
+    _print_train(train(ticks_cfg, runs_dir, name="demo-ticks"), ticks_cfg)
+    for name, cfg in (("default", load_data({}, ScreenerConfig, [f"model.artifacts_dir={klines.out_dir}"])),
+                      (str(SAMPLE_CONFIG), load(SAMPLE_CONFIG, ScreenerConfig,
+                                                [f"model.artifacts_dir={klines.out_dir}"]))):
+        result = replay(SAMPLE_CAPTURES, cfg)
+        console.print(f"replay of the captures with the kline models and the {name} thresholds "
+                      f"({result.counts.get('snapshots', 0)} predictions): {result.rank_events} rank events")
+        why = result.why_no_events(cfg)
+        if why is not None:
+            console.print(why)
 
 
 @app.command("demo")

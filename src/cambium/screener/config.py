@@ -6,8 +6,7 @@ the shipped configs/screener/default.toml spells all of them out.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, model_validator
 
@@ -17,6 +16,7 @@ __all__ = [
     "CONFIG_MODEL",
     "BaselineConfig",
     "ExplainConfig",
+    "LightGBMConfig",
     "ModelConfig",
     "NotifyConfig",
     "RankerConfig",
@@ -27,6 +27,7 @@ __all__ = [
     "StorageConfig",
     "TelegramConfig",
     "TerminalConfig",
+    "TrainConfig",
     "WebhookConfig",
 ]
 
@@ -284,12 +285,52 @@ class LiveConfig(ConfigModel):
         return [f"{s.lower()}@{suffix[k]}" for s in self.symbols for k in kinds]
 
 
+class LightGBMConfig(ConfigModel):
+    """LightGBM settings of every model `screener train` fits (binary objective)."""
+
+    n_estimators: int = Field(100, ge=1, le=10_000, description="Boosting rounds.")
+    learning_rate: float = Field(0.05, gt=0.0, le=1.0, description="Shrinkage per round.")
+    num_leaves: int = Field(7, ge=2, le=4096, description="Leaves per tree.")
+    min_child_samples: int = Field(300, ge=1, description="Fewest rows in a leaf (guards against fitting noise).")
+    feature_fraction: float = Field(0.9, gt=0.0, le=1.0, description="Share of features each tree sees.")
+    num_threads: int = Field(1, ge=1, le=256, description="Threads LightGBM may use.")
+
+
+class TrainConfig(ConfigModel):
+    """`cambium screener train`: data, labels' kline assumptions, splits, models and the evaluation report."""
+
+    source: Literal["klines", "ticks"] = Field(
+        "klines", description="klines: 1 m bar files (2 m / 5 m labels); ticks: recordings or captures through the "
+        "feature engine (every label).")
+    data: tuple[str, ...] = Field(
+        ("data/samples/market/klines_1m_futures/BTCUSDT_2023-07.csv.gz",), min_length=1,
+        description="Input files (one symbol each for klines; recordings or capture files for ticks).")
+    max_rows_per_file: int | None = Field(
+        None, ge=100, description="Read only the first rows of each kline file (a quick run); unset reads all.")
+    kline_spread_bps: float = Field(
+        0.5, ge=0.0, description="Spread (bps) assumed for kline rows: bars carry none (label cost and heuristic).")
+    kline_impact_bps: float = Field(0.0, ge=0.0, description="Impact (bps) assumed for kline rows.")
+    holdout_fraction: float = Field(
+        0.25, gt=0.0, lt=1.0, description="Last share of each symbol's span held out for the evaluation report.")
+    embargo_ms: int = Field(
+        600_000, ge=0, description="Rows dropped after each test block on top of the label-horizon purge (ms).")
+    cv_folds: int = Field(5, ge=2, le=20, description="Purged time-series folds; their out-of-fold predictions "
+                          "fit the calibration maps.")
+    calibration: Literal["isotonic", "platt"] = Field(
+        "isotonic", description="Calibration the manifest makes active (both are written as artifacts).")
+    lightgbm: LightGBMConfig = Field(default_factory=LightGBMConfig, description="LightGBM settings.")
+    seed: int = Field(0, description="Seed of LightGBM and the bootstrap.")
+    bootstrap: int = Field(200, ge=10, le=10_000, description="Block-bootstrap resamples of the AUC differences.")
+    bootstrap_block_ms: int = Field(
+        3_600_000, ge=1_000, description="Block length of the bootstrap (ms): rows of one symbol and block move "
+        "together, keeping their time dependence.")
+    ece_bins: int = Field(15, ge=2, le=100, description="Equal-width bins of ECE and the reliability plots.")
+    out_dir: str = Field("models/artifacts/klines-1m", description="Where the artifacts (manifest.json, models, "
+                         "calibration maps) are written; replaced on each run.")
+
+
 class ScreenerConfig(ConfigModel):
     """Root config of the screener."""
-
-    # `ExplainConfig` configures the `cambium.screener.explain` library; no command produces explanations yet.
-    unbuilt: ClassVar[Mapping[str, str]] = {
-        "explain": "no screener command explains its events; cambium.screener.explain takes an ExplainConfig"}
 
     live: LiveConfig = Field(default_factory=LiveConfig, description="Live mode subscriptions and status page.")
     features: FeatureConfig = Field(default_factory=FeatureConfig, description="Feature engine.")
@@ -299,6 +340,9 @@ class ScreenerConfig(ConfigModel):
     model: ModelConfig = Field(default_factory=ModelConfig, description="Model runner.")
     notify: NotifyConfig = Field(default_factory=NotifyConfig, description="Notifiers.")
     storage: StorageConfig = Field(default_factory=StorageConfig, description="Parquet storage.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="`screener train`: models and report.")
+    explain: ExplainConfig = Field(default_factory=ExplainConfig, description="Explanations of ALERT events "
+                                   "(notifiers, status page): the template, optionally reworded by an LLM.")
 
 
 CONFIG_MODEL = ScreenerConfig

@@ -26,18 +26,23 @@ import re
 from dataclasses import dataclass
 from decimal import Decimal
 
+import msgspec
+
 from cambium.screener.config import ExplainConfig
-from cambium.screener.contracts import STATUSES, ExplainInput, ExplainOutput
+from cambium.screener.contracts import STATUSES, ExplainInput, ExplainOutput, PredictionSnapshot, RankEvent
 
 __all__ = [
+    "ALERT_EVENTS",
     "REASON_PHRASES",
     "ExtractedNumber",
+    "alert_input",
     "allowed_numbers",
     "extract_numbers",
     "format_number",
     "render_input",
     "template_output",
     "validate_output",
+    "with_explanation",
 ]
 
 _NUMBER = re.compile(
@@ -183,3 +188,22 @@ def template_output(inp: ExplainInput, cfg: ExplainConfig) -> ExplainOutput:
             break
         tooltips[code] = _fit(reason_phrase(code), cfg.max_tooltip_chars)
     return ExplainOutput(headline=headline, subtext=subtext, status_label=inp.status, tooltips=tooltips)
+
+
+ALERT_EVENTS = ("ALERT_TRADABLE", "ALERT_TRAP")
+
+
+def alert_input(event: RankEvent, pred: PredictionSnapshot) -> ExplainInput:
+    """What an ALERT's explanation may use: the prediction's status and reasons, its score, and a numeric summary
+    (probabilities to 3 places, the utility to 1 bp place), over the 2 m horizon the score weighs most."""
+    summary = {"p_inplay_2m": round(pred.p_inplay_2m, 3), "p_toxic": round(pred.p_toxic, 3),
+               "utility_bps_2m": round(pred.expected_utility_bps_2m, 1)}
+    return ExplainInput(symbol=event.symbol, timeframe="2m", status=pred.status, score=event.score,
+                        reasons=pred.reasons[:16], numeric_summary=summary, style="detailed")
+
+
+def with_explanation(event: RankEvent, out: ExplainOutput) -> RankEvent:
+    """The event as the notifiers see it: `payload.headline` and `payload.explanation` added (the digest and the
+    store keep the event as ranked)."""
+    return msgspec.structs.replace(event, payload={**event.payload, "headline": out.headline,
+                                                   "explanation": out.subtext})

@@ -175,8 +175,11 @@ def _retry_after(value: object, default: float = 1.0) -> float:
 
 
 def telegram_text(event: RankEvent) -> str:
+    """One line per event; an ALERT's explanation (`payload.headline`/`explanation`, see `Pipeline`) below it."""
     status = event.payload.get("status", "")
-    return f"{event.event} {event.symbol} #{event.rank} score {event.score:.3f} {status}".rstrip()
+    line = f"{event.event} {event.symbol} #{event.rank} score {event.score:.3f} {status}".rstrip()
+    headline, why = event.payload.get("headline"), event.payload.get("explanation")
+    return "\n".join([line, *(str(t) for t in (headline, why) if t)])
 
 
 class TelegramNotifier(BackgroundSender):

@@ -10,6 +10,7 @@ so only the loopback names are accepted and any other `Host` gets a 400.
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from collections import deque
@@ -109,7 +110,8 @@ def status_app(
         metrics.update_staleness(session)
         ranked = session.pipeline.ranker.ranked()
         return {
-            "top": [{"rank": i + 1, "symbol": s, "score": round(score, 6)} for i, (s, score) in enumerate(ranked)],
+            "top": [{"rank": i + 1, "symbol": s, "score": round(score, 6), "explanation": _explanation(session, s)}
+                    for i, (s, score) in enumerate(ranked)],
             "shards": [{"shard": st.shard, "endpoint": st.endpoint, "streams": st.streams, "frames": st.frames,
                         "connects": st.connects, "malformed": st.malformed, "stale_reconnects": st.stale_reconnects}
                        for st in stats],
@@ -133,7 +135,8 @@ def status_app(
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
         s = snapshot()
-        top = "".join(f"<tr><td>{r['rank']}</td><td>{r['symbol']}</td><td>{r['score']:.4f}</td></tr>" for r in s["top"])
+        top = "".join(f"<tr><td>{r['rank']}</td><td>{r['symbol']}</td><td>{r['score']:.4f}</td>"
+                      f"<td>{_why_html(r['explanation'])}</td></tr>" for r in s["top"])
         shard_rows = "".join(f"<tr><td>{h['shard']}</td><td>{h['endpoint']}</td><td>{h['streams']}</td>"
                              f"<td>{h['frames']}</td><td>{h['connects']}</td><td>{h['malformed']}</td></tr>"
                              for h in s["shards"])
@@ -143,12 +146,24 @@ def status_app(
             "table{border-collapse:collapse;margin-bottom:1.5em}tr:nth-child(even){background:#eee}</style></head>"
             f"<body><h1>cambium screener</h1><p>snapshots {s['snapshots']} · p95 frame→decision "
             f"{s['p95_latency_ms']} ms</p><h2>Top-K</h2><table id='top'><tr><th>rank</th><th>symbol</th>"
-            f"<th>score</th></tr>{top}</table><h2>Shards</h2><table id='shards'><tr><th>shard</th><th>endpoint"
-            f"</th><th>streams</th><th>frames</th><th>connects</th><th>malformed</th></tr>{shard_rows}</table>"
+            f"<th>score</th><th>last alert</th></tr>{top}</table><h2>Shards</h2><table id='shards'><tr><th>shard"
+            f"</th><th>endpoint</th><th>streams</th><th>frames</th><th>connects</th><th>malformed</th></tr>{shard_rows}</table>"
             "</body></html>"
         )
 
     return app
+
+
+def _explanation(session: Session, symbol: str) -> dict[str, str] | None:
+    """The symbol's latest ALERT explanation (`Pipeline.explanations`), or None."""
+    out = session.pipeline.explanations.get(symbol)
+    return None if out is None else {"headline": out.headline, "subtext": out.subtext}
+
+
+def _why_html(explanation: dict[str, str] | None) -> str:
+    if explanation is None:
+        return ""
+    return f"<b>{html.escape(explanation['headline'])}</b><br>{html.escape(explanation['subtext'])}"
 
 
 class StatusServer:

@@ -28,6 +28,7 @@ from cambium.screener.config import ScreenerConfig
 from cambium.screener.contracts import FeatureSnapshot, RankEvent
 from cambium.screener.features import FeatureEngine
 from cambium.screener.pipeline import Notifier, Pipeline
+from cambium.screener.scorer import Scored
 from cambium.screener.sources import DecodeStats, iter_events
 from cambium.screener.storage import ScreenerStore
 
@@ -115,6 +116,23 @@ class ReplayResult:
     """Decoded events the feature engine applied: with `malformed_events`, every one of `stats.events`."""
     out_of_order: int = 0
     """Snapshots dropped because their tick was older than one already ranked (`Session.out_of_order`)."""
+    top: Scored | None = None
+    """The highest score of the replay (`Pipeline.top`)."""
+
+    def why_no_events(self, cfg: ScreenerConfig) -> str | None:
+        """One line saying why the replay emitted no RankEvent, or None when it emitted some."""
+        if self.rank_events:
+            return None
+        if self.top is None:
+            return "no RankEvent: no feature snapshot was scored (is the recording empty, or every frame malformed?)"
+        r = cfg.ranker
+        if self.top.score >= r.enter_threshold:
+            return (f"no RankEvent: scores reached {self.top.score:.4f} ({self.top.symbol} at ts={self.top.ts}) but "
+                    f"never stayed >= ranker.enter_threshold={r.enter_threshold} for ranker.enter_confirm_ms="
+                    f"{r.enter_confirm_ms}")
+        return (f"no RankEvent: the highest score was {self.top.score:.4f} ({self.top.symbol} at ts={self.top.ts}), "
+                f"below ranker.enter_threshold={r.enter_threshold}; a calm recording stays under the default "
+                "threshold: configs/screener/sample-replay.toml lowers it to the committed sample's scale")
 
     def summary(self) -> dict[str, Any]:
         out = {"digest": self.digest, "rank_events": self.rank_events, "snapshots": self.snapshots,
@@ -141,7 +159,8 @@ def replay(paths: list[Path], cfg: ScreenerConfig, *, store: ScreenerStore | Non
         n_events += len(session.on_event(ev))
     n_events += len(session.finish())
     return ReplayResult(session.digest, n_events, session.snapshots, stats, session.engine.late_events,
-                        dict(session.pipeline.counts), session.malformed, session.engine.events, session.out_of_order)
+                        dict(session.pipeline.counts), session.malformed, session.engine.events, session.out_of_order,
+                        session.pipeline.top)
 
 
 def write_expected(path: Path, result: ReplayResult, cfg: ScreenerConfig, sources: list[Path]) -> None:

@@ -30,6 +30,7 @@ class _Row:
     status: str
     since_ts: int
     last_ts: int
+    why: str = ""
 
 
 class TerminalTable:
@@ -58,6 +59,8 @@ class TerminalTable:
                 row.score, row.last_ts = event.score, event.ts
                 if status is not None:
                     row.status = str(status)
+                if event.payload.get("explanation"):
+                    row.why = str(event.payload["explanation"])
         self._dirty.set()
         return True
 
@@ -77,13 +80,13 @@ class TerminalTable:
     def render(self) -> Table:
         table = Table(title=f"cambium screener — top {self.top_k}", expand=False)
         for name, justify in [("#", "right"), ("symbol", "left"), ("score", "right"), ("status", "left"),
-                              ("listed s", "right")]:
+                              ("listed s", "right"), ("why (last alert)", "left")]:
             table.add_column(name, justify=justify)  # type: ignore[arg-type]
         with self._lock:
             rows = sorted(self._rows.items(), key=lambda kv: (-kv[1].score, kv[0]))[: self.top_k]
         for i, (symbol, row) in enumerate(rows, 1):
             table.add_row(str(i), symbol, f"{row.score:.3f}", row.status, f"{(row.last_ts - row.since_ts) / 1000:.0f}",
-                          style=_STYLE.get(row.status))
+                          row.why, style=_STYLE.get(row.status))
         return table
 
     def start(self) -> None:
