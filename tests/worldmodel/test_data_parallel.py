@@ -1,5 +1,5 @@
-"""Data parallel through the core loop: the micro pipeline under torchrun with 2 gloo ranks trains Strate I and
-Strate II on the same global batches as one process, so their losses agree within fp32 tolerance."""
+"""Data parallel through the core loop: the micro pipeline under torchrun with 2 gloo ranks trains Strate I, Strate II
+and Strate III on the same global batches as one process, so their losses agree within fp32 tolerance."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _free_port() -> int:
 
 def _pipeline(runs: Path, ranks: int) -> dict[str, list[tuple[int, float]]]:
     args = ["-m", "cambium.worldmodel.cli", "pipeline", "--config", str(TINY), "--runs-dir", str(runs),
-            "--stop-phase", "4"]
+            "--stop-phase", "5"]
     for item in MICRO:
         args += ["--set", item]
     if ranks > 1:
@@ -46,7 +46,7 @@ def _pipeline(runs: Path, ranks: int) -> dict[str, list[tuple[int, float]]]:
     assert run.status == "finished"
     out: dict[str, list[tuple[int, float]]] = {}
     for r in read_metrics(run.dir / "metrics.duckdb"):
-        if r.name.startswith(("tokenizer/", "jepa/")) and not r.name.startswith("perf/"):
+        if r.name.startswith(("tokenizer/", "jepa/", "flow/")) and not r.name.startswith("perf/"):
             out.setdefault(r.name, []).append((r.step, r.value))
     return out
 
@@ -55,7 +55,8 @@ def _pipeline(runs: Path, ranks: int) -> dict[str, list[tuple[int, float]]]:
 def test_two_gloo_ranks_train_like_one_process(tmp_path: Path) -> None:
     one = _pipeline(tmp_path / "one", 1)
     two = _pipeline(tmp_path / "two", 2)
-    assert set(one) == set(two) and {"tokenizer/loss", "jepa/loss", "jepa/variance", "jepa/holdout_loss"} <= set(one)
+    assert set(one) == set(two) and {"tokenizer/loss", "jepa/loss", "jepa/variance", "jepa/holdout_loss",
+                                           "flow/loss", "flow/nll", "flow/holdout_cfm"} <= set(one)
     for name in sorted(one):
         steps_one, values_one = zip(*one[name], strict=True)
         steps_two, values_two = zip(*two[name], strict=True)

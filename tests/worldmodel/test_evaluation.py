@@ -97,6 +97,25 @@ def test_probe_dataset_targets_splits_and_no_future_leak(tmp_path: Path) -> None
     assert probes["results"][1]["dim"] == 8 * 5 + 6
 
 
+def test_a_segment_shorter_than_one_window_gives_no_anchor(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    _, segments = _store(tmp_path, ["BTCUSDT"])
+    ev = EvalConfig(holdout_fraction=0.3, embargo_bars=40)
+    split = chronological_split(segments, ev, "1h")
+    jcfg = JEPAConfig.model_validate({"seq_len": 4, "encoder": {"d_model": 8, "n_layers": 1, "n_heads": 2,
+                                                                "chunk_size": 4}})
+    model = WorldModelJEPA(jcfg, FSQTokenizer(TokenizerConfig(patch_length=8, hidden_channels=8, n_layers=3))).eval()
+    s = segments[0]
+    short = type(s)("NEWUSDT", s.ohlcv[:20], s.open_time_ms[:20])  # a recent listing: 2 patches < seq_len 4
+
+    def coded(x):
+        return CodedSeries(x, model.tokenizer.tokenize(x.ohlcv.float().unsqueeze(0))[0], x.ohlcv.shape[0] % 8, 8)
+
+    alone = probe_dataset(model, [coded(s)], split, ev)
+    both = probe_dataset(model, [coded(short), coded(s)], split, ev)
+    np.testing.assert_array_equal(both.y, alone.y)
+
+
 def test_bad_files_are_counted_and_gaps_split_segments(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

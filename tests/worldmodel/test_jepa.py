@@ -104,7 +104,7 @@ def test_context_never_sees_the_market_clock_of_masked_positions():
     assert not torch.allclose(model(idx, visible, mask).context, h1)
 
 
-@pytest.mark.parametrize("backbone", ["mamba2", "attention"])
+@pytest.mark.parametrize("backbone", ["mamba2", "attention", "nested"])
 def test_encode_candles_gives_causal_latents(backbone, make_candles):
     model = make_model(backbone).eval()
     candles = make_candles(2, 8 * 12 + 5)

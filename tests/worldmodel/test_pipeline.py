@@ -20,7 +20,7 @@ from cambium.core.testing import check_exact_resume
 from cambium.worldmodel.artifacts import RunArtifacts
 from cambium.worldmodel.config import CONFIG_MODEL
 from cambium.worldmodel.pipeline import phase_steps, run_pipeline
-from cambium.worldmodel.report import format_probe_table
+from cambium.worldmodel.report import format_forecast_table, format_probe_table
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "worldmodel" / "tiny.toml"
@@ -29,7 +29,8 @@ MICRO = [
     "jepa.encoder.d_model=16", "jepa.encoder.n_layers=1", "jepa.encoder.n_heads=2", "jepa.encoder.chunk_size=8",
     "jepa.predictor.hidden_dim=32", "train_tokenizer.steps=4", "train_tokenizer.batch_size=8",
     "train_jepa.steps=8", "train_jepa.batch_size=4", "pipeline.checkpoint_every=2", "pipeline.threads=1",
-    "evaluation.report_examples=2",
+    "evaluation.report_examples=2", "train_flow.steps=6", "train_flow.batch_size=16", "flow.hidden_dim=32",
+    "flow.head_hidden=32", "forecast.n_futures=8", "forecast.batch_origins=64",
     f"data.klines_glob={REPO}/data/samples/market/klines_1h_futures/*.csv.gz",
 ]
 
@@ -48,13 +49,14 @@ def finished(tmp_path_factory: pytest.TempPathFactory):
 
 def test_every_phase_writes_its_files_and_metrics(finished) -> None:
     root, cfg, result = finished
-    assert result.phases_done == [1, 2, 3, 4, 5]
+    assert result.phases_done == [1, 2, 3, 4, 5, 6, 7]
     record = get_run(root, result.run_id)
     assert record.system == "worldmodel" and record.status == "finished"
     d = result.run_dir
-    for name in ("tokenizer.safetensors", "jepa.safetensors", "data/import.json", "codes/index.json",
-                 "report/report.md", "report/probe.json", "report/reconstructions.png", "report/codebook_usage.png",
-                 "report/training_curves.png"):
+    for name in ("tokenizer.safetensors", "jepa.safetensors", "flow.safetensors", "data/import.json",
+                 "codes/index.json", "futures/paths.npy", "futures/origins.json", "report/report.md",
+                 "report/probe.json", "report/forecast.json", "report/reconstructions.png",
+                 "report/codebook_usage.png", "report/training_curves.png", "report/fan_charts.png", "report/pit.png"):
         assert (d / name).is_file(), name
     assert (d / "report" / "codebook_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     index = json.loads((d / "codes" / "index.json").read_text())
@@ -73,8 +75,10 @@ def test_every_phase_writes_its_files_and_metrics(finished) -> None:
     assert by_name["tokenizer/loss"] == list(range(steps[2][0], steps[2][1] + 1))
     assert by_name["tokenizer/codebook_usage/train"] == [steps[3][0]]
     assert by_name["jepa/loss"] == list(range(steps[4][0], steps[4][1] + 1))
-    assert by_name["probe/latent/r2"] == [steps[5][0]]
-    assert "perf/jepa/step_ms" in by_name and "perf/evaluate/seconds" in by_name
+    assert by_name["flow/loss"] == list(range(steps[5][0], steps[5][1] + 1))
+    assert by_name["futures/origins"] == [steps[6][0]]
+    assert by_name["probe/latent/r2"] == by_name["forecast/h24/garch/crps"] == [steps[7][0]]
+    assert "perf/jepa/step_ms" in by_name and "perf/evaluate/seconds" in by_name and "perf/flow/step_ms" in by_name
     # One store row per bar kept: the files' rows minus the still-forming last bar.
     assert next(r.value for r in rows if r.name == "import/rows") == 2 * (4500 - 1)
 
@@ -93,6 +97,16 @@ def test_report_numbers_equal_a_direct_recomputation(finished) -> None:
         assert metrics[f"probe/{r['features']}/accuracy"] == r["accuracy"]
     # Hold-out anchors lie after the embargo, training targets before the split.
     assert again["n_train"] > 10 and again["n_holdout"] > 10
+    forecast = json.loads((result.run_dir / "report" / "forecast.json").read_text())
+    assert json.loads(json.dumps(RunArtifacts(result.run_dir, cfg).forecast_scores())) == forecast
+    assert format_forecast_table(forecast) in report
+    paths = np.load(result.run_dir / "futures" / "paths.npy")
+    assert paths.shape == (forecast["n_origins"], 8, 24) and np.isfinite(paths).all()
+    for h, block in forecast["horizons"].items():
+        assert set(block["methods"]) == {"cambium", "random_walk", "gbm", "bootstrap", "garch"}
+        assert set(block["dm"]) == {"random_walk", "gbm", "bootstrap", "garch"}
+        assert metrics[f"forecast/h{h}/cambium/crps"] == block["methods"]["cambium"]["crps"]
+        assert all(0 <= m["coverage50"] <= m["coverage90"] <= 1 for m in block["methods"].values())
 
 
 def test_phase_selection(tmp_path: Path) -> None:
@@ -118,6 +132,25 @@ def test_phase_selection(tmp_path: Path) -> None:
         (r.step, r.value) for r in tokenizer_rows]
 
 
+def test_pretokenize_command_writes_codes_and_redoes_them_on_a_run(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cambium.worldmodel.cli import app
+
+    args = ["pretokenize", "--config", str(TINY), "--runs-dir", str(tmp_path)]
+    for item in MICRO:
+        args += ["--set", item]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert json.loads((run_dir / "phases.json").read_text())["done"] == [1, 2, 3]
+    index = (run_dir / "codes" / "index.json").read_text()
+    again = CliRunner().invoke(app, ["pretokenize", "--resume", run_dir.name, "--runs-dir", str(tmp_path)])
+    assert again.exit_code == 0, again.output
+    assert (run_dir / "codes" / "index.json").read_text() == index
+    assert not (run_dir / "jepa.safetensors").exists()
+
+
 def test_sigkill_during_strate2_resumes_bitwise(tmp_path: Path) -> None:
     cfg = micro_cfg()
     steps = phase_steps(cfg)
@@ -139,6 +172,24 @@ def test_sigkill_during_strate2_resumes_bitwise(tmp_path: Path) -> None:
     assert in_ckpt.resumed_from == first4 + 3, report.summary()
 
 
+def test_sigkill_during_strate3_resumes_bitwise(tmp_path: Path) -> None:
+    cfg = micro_cfg("train_flow.steps=8")
+    first5, last5 = phase_steps(cfg)[5]
+    command = [sys.executable, "-m", "cambium.worldmodel.cli", "pipeline", "--config", str(TINY),
+               "--runs-dir", str(tmp_path), "--stop-phase", "5"]
+    for item in [*MICRO, "train_flow.steps=8"]:
+        command += ["--set", item]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
+           "OMP_NUM_THREADS": "1"}
+    report = check_exact_resume(command, runs_root=tmp_path, n_steps=last5, kill_step=first5 + 2,
+                                checkpoint_kill_step=first5 + 4, env=env, cwd=REPO, timeout_s=240)
+    assert report.ok, report.summary()
+    at_step = next(s for s in report.scenarios if s.name == "kill-at-step")
+    in_ckpt = next(s for s in report.scenarios if s.name == "kill-in-checkpoint")
+    assert at_step.kill_step == first5 + 2 and at_step.resumed_from == first5 + 1, report.summary()
+    assert in_ckpt.killed_in_temp_dir and in_ckpt.resumed_from == first5 + 3, report.summary()
+
+
 def test_bad_config_values_name_the_dotted_path() -> None:
     with pytest.raises(ConfigError, match=r"evaluation\.holdout_fraction"):
         micro_cfg("evaluation.holdout_fraction=1.5")
@@ -148,23 +199,30 @@ def test_bad_config_values_name_the_dotted_path() -> None:
         micro_cfg("evaluation.ridge_alphas=[-1.0]")
     with pytest.raises(ConfigError, match=r"data\.interval"):
         micro_cfg('data.interval="7h"')
+    with pytest.raises(ConfigError, match=r"forecast=.*horizons=\[24, 1\] must be increasing"):
+        micro_cfg("forecast.horizons=[24, 1]")
+    with pytest.raises(ConfigError, match=r"forecast\.sampler"):
+        micro_cfg('forecast.sampler="heun"')
 
 
 def test_resume_raises_strate2_steps_of_a_finished_run_and_refuses_a_changed_model(tmp_path: Path) -> None:
     torch.set_num_threads(1)
     run_dir = tmp_path / "runs"
-    result = run_pipeline(micro_cfg(), run_dir, show_progress=False)
+    # Checkpoints rotate across phases: enough are kept for Strate III's not to push out Strate II's last one.
+    keep = "pipeline.keep_checkpoints=10"
+    result = run_pipeline(micro_cfg(keep), run_dir, show_progress=False)
     with pytest.raises(ConfigError, match=r"jepa\.encoder\.d_model"):
         run_pipeline(micro_cfg("jepa.encoder.d_model=32"), run_dir, resume=result.run_id, show_progress=False)
     assert get_run(run_dir, result.run_id).status == "finished"
     before = [(r.step, r.name, r.value) for r in read_metrics(run_dir / result.run_id / "metrics.duckdb")]
-    longer = micro_cfg("train_jepa.steps=10")
+    longer = micro_cfg("train_jepa.steps=10", keep)
     again = run_pipeline(longer, run_dir, resume=result.run_id, show_progress=False)
-    assert again.phases_done == [1, 2, 3, 4, 5]
+    assert again.phases_done == [1, 2, 3, 4, 5, 6, 7]
     rows = read_metrics(run_dir / result.run_id / "metrics.duckdb")
     steps = phase_steps(longer)
     assert [r.step for r in rows if r.name == "jepa/loss"] == list(range(steps[4][0], steps[4][1] + 1))
-    assert [r.step for r in rows if r.name == "probe/latent/r2"] == [steps[5][0]]
+    assert [r.step for r in rows if r.name == "flow/loss"] == list(range(steps[5][0], steps[5][1] + 1))
+    assert [r.step for r in rows if r.name == "probe/latent/r2"] == [steps[7][0]]
     # Phases 1-3 were not redone, and the first 8 Strate II steps are the finished run's own rows.
     kept = [(s, n, v) for s, n, v in before if s < steps[4][0] + 8 and not n.startswith(("perf/", "jepa/holdout"))]
     assert [(r.step, r.name, r.value) for r in rows if r.step < steps[4][0] + 8
@@ -202,4 +260,10 @@ def test_intermediates_edited_between_phases_are_refused_naming_the_file(tmp_pat
     with pytest.raises(DataError, match=r"tokenizer\.safetensors: sha256 .*--start-phase 2"):
         run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=3, show_progress=False)
     redone = run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=2, show_progress=False)
-    assert redone.phases_done == [1, 2, 3, 4, 5]
+    assert redone.phases_done == [1, 2, 3, 4, 5, 6, 7]
+    paths = redone.run_dir / "futures" / "paths.npy"
+    arr = np.load(paths)
+    arr[0, 0, 0] += 1.0
+    np.save(paths, arr)
+    with pytest.raises(DataError, match=r"paths\.npy: sha256 .*--start-phase 6"):
+        run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=7, show_progress=False)

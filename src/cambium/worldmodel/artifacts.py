@@ -27,6 +27,8 @@ from cambium.worldmodel.config import WorldModelConfig
 from cambium.worldmodel.data import Split, load_segments
 from cambium.worldmodel.evaluation import CodedSeries, probe_dataset, run_probes
 from cambium.worldmodel.features import CandleBatch, clock_features
+from cambium.worldmodel.forecast import evaluate_forecasts
+from cambium.worldmodel.futures import FutureModel, future_patches
 from cambium.worldmodel.jepa import WorldModelJEPA
 from cambium.worldmodel.tokenizer import FSQTokenizer
 from cambium.worldmodel.training import CandleSeries
@@ -37,7 +39,8 @@ __all__ = ["PHASES_FILE", "PHASE_OUTPUTS", "RunArtifacts", "code_batch_fn", "loa
 PHASES_FILE = "phases.json"
 # The files each phase leaves for later phases (relative to the run directory), hashed into phases.json.
 PHASE_OUTPUTS: dict[int, tuple[str, ...]] = {1: ("data/import.json",), 2: ("tokenizer.safetensors",),
-                                             3: ("codes/index.json",), 4: ("jepa.safetensors",)}
+                                             3: ("codes/index.json",), 4: ("jepa.safetensors",),
+                                             5: ("flow.safetensors",), 6: ("futures/paths.npy", "futures/origins.json")}
 _MAKER = {name: phase for phase, names in PHASE_OUTPUTS.items() for name in names}
 
 
@@ -195,6 +198,39 @@ class RunArtifacts:
         model = WorldModelJEPA(self.cfg.jepa, self.load_tokenizer())
         model.load_state_dict(load_weights(verified(self.run_dir, "jepa.safetensors")))
         return model.eval()
+
+    def future_model(self) -> FutureModel:
+        """An untrained Strate III model of this config's shape."""
+        p = self.cfg.tokenizer.patch_length
+        return FutureModel(self.cfg.flow, self.cfg.jepa.encoder.d_model, future_patches(self.cfg.forecast.horizons, p),
+                           p)
+
+    def load_flow(self) -> FutureModel:
+        model = self.future_model()
+        model.load_state_dict(load_weights(verified(self.run_dir, "flow.safetensors")))
+        return model.eval()
+
+    def futures(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """Phase 6's sampled paths [M, N, max(horizons)] and their origins (segment, end_bar, origin_ms, scale)."""
+        paths = np.load(verified(self.run_dir, "futures/paths.npy"), allow_pickle=False)
+        origins = json.loads(verified(self.run_dir, "futures/origins.json").read_text(encoding="utf-8"))
+        return paths, origins
+
+    def forecast_scores(self) -> dict[str, Any]:
+        """The forecast evaluation of the run's sampled paths (phase 7; recomputable from the run's files)."""
+        _, split = self.segments()
+        coded = self.coded()
+        paths, origins = self.futures()
+        if origins["segments"] != [cs.series.name for cs in coded]:
+            raise DataError(f"{self.run_dir / 'futures' / 'origins.json'}: its segments differ from the run's codes; "
+                            f"redo phase 6 with --start-phase 6")
+        fc = self.cfg.forecast
+        return evaluate_forecasts(
+            paths, np.asarray(origins["segment"]), np.asarray(origins["end_bar"]), np.asarray(origins["origin_ms"]),
+            [cs.series for cs in coded], split.split_ms, horizons=fc.horizons,
+            stride=self.cfg.tokenizer.patch_length, vol_window=self.cfg.flow.vol_window,
+            bootstrap_window=fc.bootstrap_window, garch_refit_bars=fc.garch_refit_bars, garch_window=fc.garch_window,
+            pit_bins=fc.pit_bins, rng=np.random.default_rng(self.cfg.pipeline.seed * 100 + 7))
 
     def coded(self) -> list[CodedSeries]:
         return load_coded(self.run_dir, self.segments()[0], self.cfg.tokenizer.patch_length)

@@ -25,6 +25,8 @@ __all__ = [
     "EMAConfig",
     "EncoderConfig",
     "EvalConfig",
+    "FlowConfig",
+    "ForecastConfig",
     "JEPAConfig",
     "MaskingConfig",
     "PipelineConfig",
@@ -113,8 +115,8 @@ class PipelineConfig(LoopConfig):
     @model_validator(mode="after")
     def _phases_set_their_length(self) -> PipelineConfig:
         if self.max_steps is not None:
-            raise ValueError(f"max_steps={self.max_steps}: the phases run train_tokenizer.steps and "
-                             "train_jepa.steps steps; set those (a resume may raise them)")
+            raise ValueError(f"max_steps={self.max_steps}: the phases run train_tokenizer.steps, "
+                             "train_jepa.steps and train_flow.steps steps; set those (a resume may raise them)")
         return self
 
 
@@ -152,7 +154,12 @@ class TokenizerConfig(ConfigModel):
 class EncoderConfig(ConfigModel):
     """Strate II backbone (context and target encoders share this shape)."""
 
-    backbone: Literal["mamba2", "attention"] = Field("mamba2", description="sequence mixer of the encoder layers")
+    backbone: Literal["mamba2", "attention", "nested"] = Field(
+        "mamba2", description="sequence mixer of the encoder layers: Mamba-2 SSD, causal attention, or a "
+        "`cambium.nn.memory` test-time memory layer (nested learning)")
+    memory_rule: Literal["delta", "hebbian", "titans_lmm", "moneta", "yaad", "memora"] = Field(
+        "delta", description="backbone = nested: the memory rule preset of cambium.nn.memory (delta runs its exact "
+        "chunkwise form, the others token by token)")
     d_model: int = Field(256, ge=1, description="width of the latent embeddings")
     n_layers: int = Field(12, ge=1, description="encoder layers")
     n_heads: int = Field(4, ge=1, description="SSD (or attention) heads; head_dim = d_model*expand/n_heads")
@@ -167,7 +174,7 @@ class EncoderConfig(ConfigModel):
 
     @property
     def head_dim(self) -> int:
-        """d_model * expand / n_heads (attention: d_model / n_heads)."""
+        """d_model * expand / n_heads (attention, nested: d_model / n_heads)."""
         width = self.d_model * self.expand if self.backbone == "mamba2" else self.d_model
         return width // self.n_heads
 
@@ -243,6 +250,52 @@ class TrainConfig(ConfigModel):
     grad_clip: float = Field(1.0, gt=0, description="global gradient-norm clip")
 
 
+class FlowConfig(ConfigModel):
+    """Strate III (WM-3): OT-CFM over standardised latent futures, conditioned on the context latent; return head."""
+
+    hidden_dim: int = Field(256, ge=1, description="width of the velocity network's residual MLP")
+    n_layers: int = Field(3, ge=1, description="residual FiLM blocks of the velocity network")
+    sigma: float = Field(0.0, ge=0, allow_inf_nan=False,
+                         description="std of the Gaussian noise added around the straight path x_t")
+    coupling: Literal["ot", "independent"] = Field("ot", description="minibatch optimal-transport pairs of noise "
+                                                   "and targets, or independent pairs (plain CFM)")
+    exact_max_batch: int = Field(256, ge=2, description="batches up to this size get the exact OT plan (ot.emd), "
+                                 "larger ones entropic Sinkhorn")
+    sinkhorn_reg: float = Field(0.05, gt=0, allow_inf_nan=False,
+                                description="Sinkhorn regularisation (on the cost divided by its max)")
+    cond_weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+                               description="weight of ‖context_i − context_j‖² in the OT cost (keeps the noise"
+                               " each context receives close to N(0, I); 0 = OT on the futures alone)")
+    head_hidden: int = Field(256, ge=1, description="hidden width of the return head")
+    vol_window: int = Field(168, ge=2, description="trailing bars whose log-return std normalises returns (the "
+                            "return head predicts returns in these units) and drives the GBM baseline")
+
+
+class ForecastConfig(ConfigModel):
+    """WM-7 forecast evaluation: futures sampled at hold-out origins, scored against realised returns and baselines."""
+
+    horizons: tuple[int, ...] = Field((1, 4, 24), description="horizons in bars scored (cumulative log return "
+                                      "over h bars, and the h-bar path for the energy score)")
+    n_futures: int = Field(64, ge=2, description="futures sampled per origin (every method draws as many)")
+    sampler: Literal["euler", "midpoint", "rk4"] = Field("midpoint", description="ODE solver of the sampler")
+    ode_steps: int = Field(8, ge=1, description="fixed ODE steps from noise (t=0) to a future (t=1)")
+    batch_origins: int = Field(256, ge=1, description="origins sampled per batch")
+    bootstrap_window: int = Field(720, ge=2, description="trailing bars the historical bootstrap draws from")
+    garch_refit_bars: int = Field(168, ge=1, description="GARCH(1,1)-t is refitted every this many hold-out bars "
+                                  "(first on the training window)")
+    garch_window: int = Field(2000, ge=100, description="bars of history (at most) each GARCH fit uses")
+    min_train_bars: int = Field(720, ge=100, description="segments with fewer training bars are not scored (no "
+                                "training window to fit the baselines on)")
+    fan_charts: int = Field(4, ge=1, description="origins drawn in the fan chart figure")
+    pit_bins: int = Field(10, ge=2, description="bins of the PIT histogram")
+
+    @model_validator(mode="after")
+    def _check(self) -> ForecastConfig:
+        if not self.horizons or any(h < 1 for h in self.horizons) or list(self.horizons) != sorted(set(self.horizons)):
+            raise ValueError(f"horizons={list(self.horizons)} must be increasing integers >= 1")
+        return self
+
+
 class WorldModelConfig(ConfigModel):
     """Root config of `cambium worldmodel`."""
 
@@ -252,6 +305,9 @@ class WorldModelConfig(ConfigModel):
     jepa: JEPAConfig = Field(default_factory=JEPAConfig, description="Strate II model")
     train_tokenizer: TrainConfig = Field(default_factory=TrainConfig, description="Strate I training")
     train_jepa: TrainConfig = Field(default_factory=TrainConfig, description="Strate II training")
+    flow: FlowConfig = Field(default_factory=FlowConfig, description="Strate III model")
+    train_flow: TrainConfig = Field(default_factory=TrainConfig, description="Strate III training")
+    forecast: ForecastConfig = Field(default_factory=ForecastConfig, description="WM-7 forecast evaluation")
     evaluation: EvalConfig = Field(default_factory=EvalConfig, description="WM-7 split and linear probes")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="pipeline phases and checkpoints")
 

@@ -78,6 +78,8 @@ def probe_dataset(model: WorldModelJEPA, coded: Sequence[CodedSeries], split: Sp
     lat, raw, ys, times = [], [], [], []
     for cs in coded:
         n = int(cs.codes.shape[0])
+        if n < seq:
+            continue  # a segment shorter than one window (a recent listing) has no anchor
         close, t = cs.series.ohlcv[:, 3], cs.series.open_time_ms
         anchors = torch.arange(seq - 1, n)
         anchors = anchors[cs.end_bar(anchors) + 1 < close.shape[0]]

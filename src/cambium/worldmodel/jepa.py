@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from cambium.nn.attention import Attention
 from cambium.nn.mamba2 import Mamba2Block
+from cambium.nn.memory import PRESETS, MemoryLayer
 from cambium.nn.mlp import SwiGLU
 from cambium.worldmodel.config import EMAConfig, EncoderConfig, JEPAConfig, MaskingConfig
 from cambium.worldmodel.features import CLOCK_FEATURES, N_MARKET_CLOCK, CandleBatch, clock_features
@@ -50,11 +51,27 @@ class _AttentionLayer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class _MemoryLayer(nn.Module):
+    """Pre-norm test-time memory (`cambium.nn.memory.MemoryLayer`) + SwiGLU layer: [B, N, D] -> [B, N, D]. The memory
+    is written and read token by token in order, so the layer is causal."""
+
+    def __init__(self, d_model: int, n_heads: int, rule: str, chunk_size: int) -> None:
+        super().__init__()
+        cfg = PRESETS[rule](execution="chunkwise_exact", chunk_size=chunk_size) if rule == "delta" else PRESETS[rule]()
+        self.norm1, self.norm2 = nn.RMSNorm(d_model), nn.RMSNorm(d_model)
+        self.memory = MemoryLayer(d_model, n_heads, cfg)
+        self.mlp = SwiGLU(d_model, 4 * d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.memory(self.norm1(x))[0]
+        return x + self.mlp(self.norm2(x))
+
+
 class Backbone(nn.Module):
     """Causal encoder stack. forward(x [B, N, D], clock [B, N, F] | None) -> [B, N, D].
 
-    mamba2: the clock biases every layer's dt (bounded by ±dt_max_delta); attention: the clock is projected and added
-    to the input (attention has no step size to bias).
+    mamba2: the clock biases every layer's dt (bounded by ±dt_max_delta); attention and nested (a memory rule of
+    `cambium.nn.memory` per layer): the clock is projected and added to the input (they have no step size to bias).
     """
 
     def __init__(self, cfg: EncoderConfig, clock_dim: int, max_seq_len: int) -> None:
@@ -71,9 +88,13 @@ class Backbone(nn.Module):
                     dt_min=cfg.dt_min, dt_max=cfg.dt_max,
                 ))
         else:
-            # RoPE tables are sized generously: encode() may see longer windows than training did.
-            rope_len = max(4 * max_seq_len, 4096)
-            self.layers.extend(_AttentionLayer(cfg.d_model, cfg.n_heads, rope_len) for _ in range(cfg.n_layers))
+            if cfg.backbone == "attention":
+                # RoPE tables are sized generously: encode() may see longer windows than training did.
+                rope_len = max(4 * max_seq_len, 4096)
+                self.layers.extend(_AttentionLayer(cfg.d_model, cfg.n_heads, rope_len) for _ in range(cfg.n_layers))
+            else:
+                self.layers.extend(_MemoryLayer(cfg.d_model, cfg.n_heads, cfg.memory_rule, cfg.chunk_size)
+                                   for _ in range(cfg.n_layers))
             if self.clock_dim:
                 self.clock_in = nn.Linear(self.clock_dim, cfg.d_model)
         self.norm = nn.RMSNorm(cfg.d_model)

@@ -1,23 +1,27 @@
-"""`cambium worldmodel pipeline`: one run, five phases, exact resume.
+"""`cambium worldmodel pipeline`: one run, seven phases, exact resume.
 
     1 import    kline files → candle store (validated, gap report) → chronological split with embargo
     2 strate1   train the FSQ tokenizer on the training window                  (checkpointed, resumable)
     3 tokenize  codes of every segment on the fixed patch grid → <run>/codes/  (+ codebook usage, hold-out recon loss)
     4 strate2   train the Mamba-2 JEPA on windows of pretokenized training codes (checkpointed, resumable)
-    5 evaluate  linear probes on the hold-out (WM-7) → <run>/report/
+    5 strate3   train OT-CFM latent futures + the return head on training anchors (checkpointed, resumable)
+    6 futures   N return paths sampled at every hold-out origin → <run>/futures/
+    7 evaluate  linear probes and the forecast evaluation against the baselines (WM-7) → <run>/report/
 
 Every phase logs into the run's metrics.duckdb at its own global steps, so that `truncate_after` on resume never
 touches another phase's rows: phase 1 at step 1, phase 2 at 2 … S1 + 1, phase 3 at S1 + 2, phase 4 at S1 + 3 …
-S1 + 2 + S2, phase 5 at S1 + S2 + 3. Names carry the phase (`import/`, `tokenizer/`, `pretokenize/`, `jepa/`,
-`probe/`); wall-clock figures go under `perf/`. A phase starts from fixed seeds (seed · 100 + phase), so running it
+S1 + 2 + S2, phase 5 at S1 + S2 + 3 … S1 + S2 + S3 + 2, phase 6 one step later, phase 7 one more. Names carry the
+phase (`import/`, `tokenizer/`, `pretokenize/`, `jepa/`, `flow/`, `futures/`, `probe/`, `forecast/`); wall-clock
+figures go under `perf/`. A phase starts from fixed seeds (seed · 100 + phase), so running it
 in a fresh process or after the earlier phases in one process gives the same numbers. `phases.json` lists the phases
 done (with the step counts of the training phases and the sha256 of each file a phase leaves for later ones, checked
 when they are read back: see `cambium.worldmodel.artifacts`); a resumed run continues with the first phase not done,
 or whose step count the resume raised (from the phase's latest checkpoint when it trains), and redoes every phase
 after it.
 
-Phases 2 and 4 are `cambium.core.loop` tasks (`TokenizerTask`, `JEPATask`) that the run's session trains on
-`pipeline.device`, with a hold-out loss at every evaluation; phases 1, 3 and 5 run on the CPU. Under torchrun the
+Phases 2, 4 and 5 are `cambium.core.loop` tasks (`TokenizerTask`, `JEPATask`, `FlowTask`) that the run's session
+trains on `pipeline.device`, with a hold-out loss at every evaluation; phase 6 samples on that device too; phases 1, 3
+and 7 run on the CPU. Under torchrun the
 training phases run data parallel on every rank (the same global batches, each rank its rows) and rank 0 alone runs
 the other phases and writes the run's files.
 """
@@ -36,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from cambium.core.errors import ConfigError, RunError
+from cambium.core.errors import ConfigError, DataError, RunError
 from cambium.core.files import file_sha256
 from cambium.core.loop import Session, open_session
 from cambium.core.progress import ProgressReporter, get_logger
@@ -63,21 +67,26 @@ from cambium.worldmodel.data import (
     train_part,
 )
 from cambium.worldmodel.evaluation import CodedSeries
+from cambium.worldmodel.futures import Anchors, FlowTask, build_anchors, holdout_origins, sample_paths, train_anchors
 from cambium.worldmodel.jepa import WorldModelJEPA, block_mask
 from cambium.worldmodel.report import write_report
 from cambium.worldmodel.tokenizer import FSQTokenizer
 from cambium.worldmodel.training import CandleSeries, JEPATask, TokenizerTask, sample_windows
 
-__all__ = ["PHASES", "Pipeline", "PipelineResult", "phase_steps", "phases_done", "run_pipeline"]
+__all__ = ["LAST_PHASE", "PHASES", "Pipeline", "PipelineResult", "phase_steps", "phases_done", "run_pipeline"]
 
 log = get_logger("cambium.worldmodel.pipeline")
-PHASES = {1: "import", 2: "strate1", 3: "tokenize", 4: "strate2", 5: "evaluate"}
+PHASES = {1: "import", 2: "strate1", 3: "tokenize", 4: "strate2", 5: "strate3", 6: "futures", 7: "evaluate"}
+LAST_PHASE = 7
+TRAINING_PHASES = (2, 4, 5)
 
 
 def phase_steps(cfg: WorldModelConfig) -> dict[int, tuple[int, int]]:
     """(first, last) global metric step of each phase."""
-    s1, s2 = cfg.train_tokenizer.steps, cfg.train_jepa.steps
-    return {1: (1, 1), 2: (2, s1 + 1), 3: (s1 + 2, s1 + 2), 4: (s1 + 3, s1 + 2 + s2), 5: (s1 + s2 + 3, s1 + s2 + 3)}
+    s1, s2, s3 = cfg.train_tokenizer.steps, cfg.train_jepa.steps, cfg.train_flow.steps
+    end3 = s1 + s2 + s3 + 2
+    return {1: (1, 1), 2: (2, s1 + 1), 3: (s1 + 2, s1 + 2), 4: (s1 + 3, s1 + 2 + s2), 5: (s1 + s2 + 3, end3),
+            6: (end3 + 1, end3 + 1), 7: (end3 + 2, end3 + 2)}
 
 
 @dataclass
@@ -89,7 +98,7 @@ class PipelineResult:
 
 
 def _trained_steps(cfg: WorldModelConfig) -> dict[str, int]:
-    return {"2": cfg.train_tokenizer.steps, "4": cfg.train_jepa.steps}
+    return {"2": cfg.train_tokenizer.steps, "4": cfg.train_jepa.steps, "5": cfg.train_flow.steps}
 
 
 def phases_done(run_dir: Path, cfg: WorldModelConfig) -> list[int]:
@@ -153,9 +162,9 @@ class Pipeline(RunArtifacts):
 
     def _fresh_phase(self, phase: int) -> None:
         """Forget everything a previous attempt at `phase` (or a later phase) left: rows and checkpoints."""
-        self.session.forget_from(self.steps[phase][0] - 1, collective=phase in (2, 4))
+        self.session.forget_from(self.steps[phase][0] - 1, collective=phase in TRAINING_PHASES)
 
-    def _train(self, phase: int, prefix: str, task: TokenizerTask | JEPATask) -> None:
+    def _train(self, phase: int, prefix: str, task: TokenizerTask | JEPATask | FlowTask) -> None:
         if phase == self.restart_phase:
             self._fresh_phase(phase)
         result = self.session.fit(task, offset=self.steps[phase][0] - 1, phase=PHASES[phase], prefix=f"{prefix}/")
@@ -276,9 +285,64 @@ class Pipeline(RunArtifacts):
         indices, clock = holdout_fn(gen)
         return indices, clock, block_mask(indices.shape[0], seq, self.cfg.jepa.masking, gen)
 
+    def _anchors(self, from_ms: int | None = None) -> tuple[Anchors, list[CodedSeries], Split]:
+        _, split = self.segments()
+        coded = self.coded()
+        anchors = build_anchors(self.load_jepa(), coded, self.cfg.flow, self.cfg.forecast.horizons,
+                                self.cfg.evaluation.batch_windows, from_ms=from_ms)
+        return anchors, coded, split
+
+    def phase_strate3(self) -> None:
+        anchors, coded, split = self._anchors()
+        train = train_anchors(anchors, coded, split)
+        future = ~torch.isnan(anchors.future).any(1) & ~torch.isnan(anchors.returns).any(1)
+        hold = anchors.select(future & (anchors.origin_ms >= split.holdout_ms))
+        if len(hold) > self.cfg.pipeline.holdout_windows:
+            pick = torch.randperm(len(hold), generator=torch.Generator().manual_seed(self.cfg.pipeline.seed * 100 + 52))
+            hold = hold.select(pick[: self.cfg.pipeline.holdout_windows].sort().values)
+        gen = self._seed(5)
+        device = self.session.device
+        model = self.future_model()
+        if len(train):
+            model.fit_standardisation(train.latent)
+        task = FlowTask(model, train, self.cfg.train_flow, gen, device=device, holdout=hold)
+        model.to(device.device)
+        self._train(5, "flow", task)
+        if self.session.is_main:
+            save_weights(self.run.dir / "flow.safetensors", model)
+            self._mark(5)
+
+    def phase_futures(self) -> None:
+        self._fresh_phase(6)
+        gen = self._seed(6)
+        t0 = time.perf_counter()
+        fc = self.cfg.forecast
+        _, split = self.segments()
+        anchors, coded, _ = self._anchors(from_ms=split.holdout_ms)
+        hold = holdout_origins(anchors, coded, split, max(fc.horizons), fc.min_train_bars)
+        if not len(hold):
+            raise DataError(f"no hold-out origin with {max(fc.horizons)} realised bars in a segment with "
+                            f"forecast.min_train_bars={fc.min_train_bars} training bars; use more data or lower them")
+        model = self.load_flow().to(self.session.device.device)
+        rng = np.random.default_rng(self.cfg.pipeline.seed * 100 + 6)
+        t1 = time.perf_counter()
+        paths = sample_paths(model, hold, fc, gen, rng, self.session.device.device)
+        sample_s = time.perf_counter() - t1
+        out = self.run.dir / "futures"
+        out.mkdir(exist_ok=True)
+        save_npy(out / "paths.npy", paths)
+        write_json(out / "origins.json", {
+            "segments": [cs.series.name for cs in coded], "segment": hold.segment.tolist(),
+            "end_bar": hold.end_bar.tolist(), "origin_ms": hold.origin_ms.tolist(), "scale": hold.scale.tolist()})
+        self._log(self.steps[6][0], int(paths.shape[0] * paths.shape[1]), {
+            "futures/origins": paths.shape[0], "futures/paths": paths.shape[0] * paths.shape[1],
+            "perf/futures/seconds": time.perf_counter() - t0,
+            "perf/futures/paths_per_s": paths.shape[0] * paths.shape[1] / max(sample_s, 1e-9)})
+        self._mark(6)
+
     def phase_evaluate(self) -> None:
-        self._fresh_phase(5)
-        self._seed(5)
+        self._fresh_phase(7)
+        self._seed(7)
         t0 = time.perf_counter()
         _, split = self.segments()
         model = self.load_jepa()
@@ -290,21 +354,31 @@ class Pipeline(RunArtifacts):
         for r in probes["results"]:
             values[f"probe/{r['features']}/r2"] = r["r2"]
             values[f"probe/{r['features']}/accuracy"] = r["accuracy"]
+        forecast = self.forecast_scores()
+        write_json(self.run.dir / "report" / "forecast.json", forecast)
+        values["forecast/origins"] = forecast["n_origins"]
+        for h, block in forecast["horizons"].items():
+            for name, m in block["methods"].items():
+                values[f"forecast/h{h}/{name}/crps"] = m["crps"]
+                values[f"forecast/h{h}/{name}/coverage90"] = m["coverage90"]
+            for name, dm in block.get("dm", {}).items():
+                values[f"forecast/h{h}/dm_{name}/p_value"] = dm["p_value"]
         self.session.metrics.flush()
-        write_report(self, model, coded, split, probes)
+        write_report(self, model, coded, split, probes, forecast)
         values["perf/evaluate/seconds"] = time.perf_counter() - t0
-        self._log(self.steps[5][0], int(probes["n_holdout"]), values)
-        self._mark(5)
+        self._log(self.steps[7][0], int(probes["n_holdout"]), values)
+        self._mark(7)
 
     def execute(self, start: int, stop: int) -> list[int]:
         phases: dict[int, Callable[[], None]] = {1: self.phase_import, 2: self.phase_strate1,
                                                  3: self.phase_tokenize, 4: self.phase_strate2,
-                                                 5: self.phase_evaluate}
+                                                 5: self.phase_strate3, 6: self.phase_futures,
+                                                 7: self.phase_evaluate}
         if self.session.is_main:
             self._unmark_from(start)
         for phase in range(start, stop + 1):
             log.info("run %s: phase %d (%s)", self.run.id, phase, PHASES[phase])
-            if phase in (2, 4) or self.session.is_main:
+            if phase in TRAINING_PHASES or self.session.is_main:
                 phases[phase]()  # under torchrun the training phases run on every rank, the others on rank 0
             self.session.barrier()
         return self.done()
@@ -315,11 +389,13 @@ def _bar_ms(s: CandleSeries) -> int:
 
 
 def run_pipeline(cfg: WorldModelConfig, runs_root: Path, *, resume: str | None = None,
-                 start_phase: int | None = None, stop_phase: int = 5, reporter: ProgressReporter | None = None,
+                 start_phase: int | None = None, stop_phase: int = LAST_PHASE,
+                 reporter: ProgressReporter | None = None,
                  show_progress: bool = True, measure_peak: bool = False) -> PipelineResult:
     """Run phases start_phase … stop_phase in a new run, or continue run `resume` (see the module docstring)."""
-    if not 1 <= stop_phase <= 5 or (start_phase is not None and not 1 <= start_phase <= stop_phase):
-        raise ConfigError(f"phases must satisfy 1 <= start_phase <= stop_phase <= 5; got start_phase={start_phase}, "
+    if not 1 <= stop_phase <= LAST_PHASE or (start_phase is not None and not 1 <= start_phase <= stop_phase):
+        raise ConfigError(f"phases must satisfy 1 <= start_phase <= stop_phase <= {LAST_PHASE}; got "
+                          f"start_phase={start_phase}, "
                           f"stop_phase={stop_phase}")
     done: list[int] = []
     if resume is None:
@@ -328,7 +404,7 @@ def run_pipeline(cfg: WorldModelConfig, runs_root: Path, *, resume: str | None =
                               f"1-{start_phase - 1} are done")
     else:
         done = phases_done(get_run(runs_root, resume).dir, cfg)
-    start = start_phase or next((p for p in range(1, 6) if p not in done), 6)
+    start = start_phase or next((p for p in range(1, LAST_PHASE + 1) if p not in done), LAST_PHASE + 1)
     missing = [p for p in range(1, start) if p not in done]
     if missing:
         # Refused before the run is opened, so that its status stays as it was.

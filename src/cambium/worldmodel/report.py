@@ -1,7 +1,8 @@
 """The pipeline's Markdown report (`<run>/report/report.md`) with PNG plots (matplotlib, Agg backend).
 
 Figures: Strate I reconstructions of hold-out patches, codebook usage (codes sorted by frequency), training curves,
-and the probe table of phase 5. Probe numbers are printed with 4 decimals from `probe.json` (full precision).
+fan charts of sampled futures against realised prices and PIT histograms; tables: the probes and the forecast scores
+of phase 7. Numbers are printed from `probe.json` and `forecast.json` (full precision).
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from cambium.worldmodel.features import CandleBatch
 from cambium.worldmodel.jepa import WorldModelJEPA
 from cambium.worldmodel.training import sample_windows
 
-__all__ = ["format_probe_table", "write_report"]
+__all__ = ["format_forecast_table", "format_probe_table", "write_report"]
+
+METHOD_NAMES = {"cambium": "cambium (Strate III)", "random_walk": "random walk", "gbm": "GBM, rolling vol",
+                "bootstrap": "historical bootstrap", "garch": "GARCH(1,1)-t"}
 
 _FEATURE_NAMES = ("log open/prev close", "log high/prev close", "log low/prev close", "log close/prev close",
                   "log1p volume")
@@ -50,6 +54,84 @@ def format_probe_table(probes: dict[str, Any]) -> str:
                      f"{r['ridge_alpha']:g} | {r['logistic_l2']:g} |")
     lines.append(f"| majority direction of the training window | – | – | {probes['majority_accuracy']:.4f} | – | – |")
     return "\n".join(lines)
+
+
+def format_forecast_table(forecast: dict[str, Any]) -> str:
+    """Markdown table per horizon: CRPS and energy score (×10⁴, log-return units), coverage, DM test vs cambium."""
+    lines = ["| horizon | method | CRPS ×1e4 | energy ×1e4 | cover 50 % | cover 90 % | DM stat (cambium − it) | "
+             "p-value |", "|---|---|---|---|---|---|---|---|"]
+    for h, block in sorted(forecast["horizons"].items(), key=lambda kv: int(kv[0])):
+        for name in sorted(block["methods"], key=lambda n: list(METHOD_NAMES).index(n)):
+            m, dm = block["methods"][name], block.get("dm", {}).get(name)
+            test = f"{dm['stat']:+.2f} | {dm['p_value']:.3g}" if dm else "– | –"
+            lines.append(f"| {h} | {METHOD_NAMES.get(name, name)} | {m['crps'] * 1e4:.3f} | {m['energy'] * 1e4:.3f} | "
+                         f"{m['coverage50']:.3f} | {m['coverage90']:.3f} | {test} |")
+    return "\n".join(lines)
+
+
+def _forecast_verdict(forecast: dict[str, Any]) -> str:
+    out = []
+    for h, block in sorted(forecast["horizons"].items(), key=lambda kv: int(kv[0])):
+        me = block["methods"]["cambium"]["crps"]
+        parts = []
+        for b in ("gbm", "garch"):
+            dm = block["dm"][b]
+            better = me < block["methods"][b]["crps"]
+            sig = dm["p_value"] < 0.05
+            parts.append(f"{'beats' if better else 'does **not** beat'} {METHOD_NAMES[b]} "
+                         f"({'significant' if sig else 'not significant'} at 5 %, p = {dm['p_value']:.3g})")
+        out.append(f"- h = {h} bars: cambium " + "; ".join(parts) + ".")
+    return "\n".join(out)
+
+
+def _fan_charts(pipe: RunArtifacts, paths: np.ndarray, origins: dict[str, Any], k: int, out: Path) -> None:
+    plt = _plt()
+    segments = [cs.series for cs in pipe.coded()]
+    gen = np.random.default_rng(pipe.cfg.pipeline.seed * 100 + 53)
+    pick = np.sort(gen.choice(paths.shape[0], size=min(k, paths.shape[0]), replace=False))
+    hist = 48
+    fig, axes = plt.subplots(1, len(pick), figsize=(4 * len(pick), 3), squeeze=False)
+    for ax, i in zip(axes[0], pick, strict=True):
+        s = segments[origins["segment"][i]]
+        e = int(origins["end_bar"][i])
+        close = s.ohlcv[:, 3].double().numpy()
+        h = paths.shape[2]
+        prices = close[e] * np.exp(np.cumsum(paths[i].astype(np.float64), axis=1))  # [N, h]
+        x = np.arange(1, h + 1)
+        for lo, hi, alpha in ((5, 95, 0.2), (25, 75, 0.35)):
+            ax.fill_between(x, np.percentile(prices, lo, axis=0), np.percentile(prices, hi, axis=0),
+                            color="tab:blue", alpha=alpha, linewidth=0, label=f"{lo}–{hi} %")
+        ax.plot(x, np.median(prices, axis=0), color="tab:blue", linewidth=1, label="median")
+        a = max(0, e - hist + 1)
+        ax.plot(np.arange(a - e, 1), close[a : e + 1], color="black", linewidth=1)
+        ax.plot(np.arange(0, h + 1), close[e : e + h + 1], color="tab:red", linewidth=1, label="realised")
+        ax.axvline(0, color="grey", linewidth=0.5)
+        ax.set_title(f"{s.name} {_day(int(origins['origin_ms'][i]))}", fontsize=8)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("Sampled futures (fan: quantiles of N paths) against realised prices, hold-out", fontsize=9)
+    fig.subplots_adjust(left=0.05, right=0.98, top=0.82, bottom=0.12, wspace=0.3)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def _pit(forecast: dict[str, Any], out: Path) -> None:
+    plt = _plt()
+    blocks = sorted(forecast["horizons"].items(), key=lambda kv: int(kv[0]))
+    fig, axes = plt.subplots(1, len(blocks), figsize=(4 * len(blocks), 2.8), squeeze=False)
+    for ax, (h, block) in zip(axes[0], blocks, strict=True):
+        for name, color in (("cambium", "tab:blue"), ("garch", "tab:orange")):
+            counts = np.asarray(block["methods"][name]["pit_hist"], dtype=float)
+            edges = np.linspace(0, 1, len(counts) + 1)
+            ax.stairs(counts / counts.sum() * len(counts), edges, color=color, label=METHOD_NAMES[name])
+        ax.axhline(1.0, color="grey", linewidth=0.5, linestyle="--")
+        ax.set_title(f"PIT, h = {h} bars", fontsize=9)
+        ax.set_ylim(bottom=0)
+        ax.tick_params(labelsize=7)
+    axes[0][0].legend(fontsize=7)
+    fig.subplots_adjust(left=0.06, right=0.98, top=0.85, bottom=0.12, wspace=0.25)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
 
 
 def _verdict(probes: dict[str, Any]) -> str:
@@ -111,13 +193,19 @@ def _codebook(coded: list[CodedSeries], size: int, out: Path) -> None:
 
 def _curves(metrics_path: Path, out: Path) -> None:
     plt = _plt()
-    names = ("tokenizer/loss", "tokenizer/holdout_loss", "jepa/loss", "jepa/holdout_loss")
-    rows = read_metrics(metrics_path, names)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3))
-    for ax, phase in zip(axes, ("tokenizer", "jepa"), strict=True):
+    names = ("tokenizer/loss", "tokenizer/holdout_loss", "jepa/loss", "jepa/holdout_loss", "flow/loss",
+             "flow/holdout_loss")
+    rows = read_metrics(metrics_path, [*names, "flow/holdout_cfm", "flow/holdout_nll"])
+    holdout: dict[int, float] = {}
+    for r in rows:
+        if r.name in ("flow/holdout_cfm", "flow/holdout_nll"):
+            holdout[r.step] = holdout.get(r.step, 0.0) + r.value
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3))
+    for ax, phase in zip(axes, ("tokenizer", "jepa", "flow"), strict=True):
         for name, label, style in ((f"{phase}/loss", "training batches", "-"),
                                    (f"{phase}/holdout_loss", "hold-out windows", "o--")):
-            pts = [(r.step, r.value) for r in rows if r.name == name]
+            pts = ([(r.step, r.value) for r in rows if r.name == name] if name != "flow/holdout_loss"
+                   else sorted(holdout.items()))
             if pts:
                 ax.plot(*zip(*pts, strict=True), style, label=label, markersize=3)
         ax.set_title(f"{phase} loss", fontsize=9)
@@ -129,13 +217,16 @@ def _curves(metrics_path: Path, out: Path) -> None:
 
 
 def write_report(pipe: RunArtifacts, model: WorldModelJEPA, coded: list[CodedSeries], split: Split,
-                 probes: dict[str, Any]) -> Path:
+                 probes: dict[str, Any], forecast: dict[str, Any]) -> Path:
     """Write report.md and its PNGs into `<run>/report/`; returns the path of report.md."""
     out = pipe.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     _reconstructions(pipe, model, split, out / "reconstructions.png")
     _codebook(coded, model.tokenizer.codebook_size, out / "codebook_usage.png")
     _curves(pipe.metrics_path, out / "training_curves.png")
+    paths, origins = pipe.futures()
+    _fan_charts(pipe, paths, origins, pipe.cfg.forecast.fan_charts, out / "fan_charts.png")
+    _pit(forecast, out / "pit.png")
     latest: dict[str, float] = {}
     for r in read_metrics(pipe.metrics_path):
         latest[r.name] = r.value
@@ -196,6 +287,29 @@ latest {cfg.evaluation.validation_fraction:.0%} of training anchors; scored once
 {format_probe_table(probes)}
 
 {_verdict(probes)}
+
+## Strate III — OT-CFM latent futures (phases 5–6)
+{cfg.train_flow.steps} steps on the training anchors (flow-matching loss
+{m('flow/cfm')}, return-head NLL {m('flow/nll')}, Student-t degrees of freedom {m('flow/df', '.2f')}). At each of
+{forecast['n_origins']} hold-out origins ({forecast['n_symbols']} symbols, one per patch of
+{cfg.tokenizer.patch_length} bars) {forecast['n_futures']} latent futures were sampled ({cfg.forecast.sampler},
+{cfg.forecast.ode_steps} steps) and decoded into return paths.
+
+## Forecast evaluation (phase 7, WM-7)
+Scores of the cumulative log return over h bars (CRPS, coverage of the central intervals) and of the h-bar path
+(energy score), pooled over every hold-out origin; every method draws {forecast['n_futures']} paths from data up to
+the origin only. GARCH(1,1)-t was fitted {forecast['garch_fits']} times (training window, then every
+{cfg.forecast.garch_refit_bars} hold-out bars). DM: Diebold–Mariano on the CRPS differential averaged over symbols
+per origin time, Newey–West variance; a negative statistic means cambium's CRPS is lower. Per-symbol numbers are in
+`forecast.json`.
+
+{format_forecast_table(forecast)}
+
+{_forecast_verdict(forecast)}
+
+![fan charts](fan_charts.png)
+
+![PIT histograms](pit.png)
 """
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
