@@ -63,9 +63,11 @@ def test_checkpoint_holds_the_context_memory_and_the_stream_cursor(built: tuple[
     assert stream["consumed"] == 24 * 64 and stream["lanes"] == 4
     memory = ContextMemory(2)
     memory.load_state_dict(ckpt.states["context_memory"])
-    for state in memory.states:
-        assert state is not None and state.params[0].shape == (4, 4, 16, 16)  # [B, H, Dv, Dk] per lane
-        assert torch.isfinite(state.params[0]).all()
+    for block in memory.states:
+        assert block is not None and len(block) == 1 and block[0] is not None
+        assert block[0].params[0].shape == (4, 4, 16, 16)  # [B, H, Dv, Dk] per lane
+        assert torch.isfinite(block[0].params[0]).all()
+    assert ckpt.states["conductor"] == {"step": 24, "periods": [1]}
 
 
 def test_sigkill_and_resume_give_bitwise_identical_metrics(tiny_mixture: Path, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ MEMORY = {"execution": "chunkwise_exact", "chunk_size": 8}
 
 
 def model_cfg(composition: str = "mag", **extra: object) -> ModelConfig:
-    data = {"vocab_size": 64, "dim": 32, "n_levels": 2, "heads": 2, "mlp_hidden": 48, "window": 8,
+    data = {"vocab_size": 64, "dim": 32, "n_blocks": 2, "heads": 2, "mlp_hidden": 48, "window": 8,
             "composition": composition, **({"memory": MEMORY} if composition == "mag" else {}), **extra}
     cfg: ModelConfig = load_data({"model": data}, CONFIG_MODEL).model
     return cfg
@@ -25,22 +25,23 @@ def make(composition: str = "mag", seed: int = 0) -> NestedLM:
     torch.manual_seed(seed)
     model = NestedLM(model_cfg(composition), max_seq_len=32)
     with torch.no_grad():  # wider gates than the init, so that the memory visibly matters
-        for level in model.levels:
-            if isinstance(level, NestedBlock) and level.memory is not None:
-                level.memory.gates.bias.view(3, -1)[2].fill_(1.0)
+        for block in model.blocks:
+            if isinstance(block, NestedBlock) and block.memory is not None:
+                for level in block.memory.levels:
+                    level.gates.bias.view(3, -1)[2].fill_(1.0)
     return model
 
 
 def test_mag_block_is_attention_gated_by_sigmoid_of_memory() -> None:
     model = make()
-    level = model.levels[0]
-    assert isinstance(level, NestedBlock) and level.memory is not None
+    block = model.blocks[0]
+    assert isinstance(block, NestedBlock) and block.memory is not None
     x = torch.randn(2, 16, 32)
-    h = level.norm1(x)
-    m, _ = level.memory(h)
-    mid = x + level.attn(h) * torch.sigmoid(m)
-    expected = mid + level.mlp(level.norm2(mid))
-    out, state, _ = level(x)
+    h = block.norm1(x)
+    m, _ = block.memory.levels[0](h)
+    mid = x + block.attn(h) * torch.sigmoid(m)
+    expected = mid + block.mlp(block.norm2(mid))
+    out, state, _ = block(x)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     assert state is not None
 
@@ -70,8 +71,8 @@ def test_inner_loop_state_lives_only_inside_a_forward() -> None:
     out2, s2, _ = model(tokens)
     torch.testing.assert_close(out1, out2, rtol=0, atol=0)
     for a, b in zip(s1, s2, strict=True):
-        assert a is not None and b is not None
-        for p, q in zip(a.params, b.params, strict=True):
+        assert a is not None and b is not None and a[0] is not None and b[0] is not None
+        for p, q in zip(a[0].params, b[0].params, strict=True):
             torch.testing.assert_close(p, q, rtol=0, atol=0)
     after = model.state_dict()
     assert all(before[k].equal(after[k]) for k in before)  # parameters untouched by the inner loop
@@ -82,7 +83,8 @@ def test_context_memory_state_dict_round_trips_and_detaches() -> None:
     _, states, windows = model(torch.randint(0, 64, (3, 16)))
     memory = ContextMemory(2)
     memory.update(states, windows)
-    assert all(s is not None and not any(p.requires_grad for p in s.params) for s in memory.states)
+    assert all(b is not None and not any(p.requires_grad for s in b if s is not None for p in s.params)
+               for b in memory.states)
     restored = ContextMemory(2)
     restored.load_state_dict(memory.state_dict())
     tokens = torch.randint(0, 64, (3, 16))
@@ -90,7 +92,7 @@ def test_context_memory_state_dict_round_trips_and_detaches() -> None:
         assert w is not None and v is not None and w.shape == (3, 7, 32) and w.equal(v)
     torch.testing.assert_close(model(tokens, restored.states, restored.windows)[0],
                                model(tokens, memory.states, memory.windows)[0], rtol=0, atol=0)
-    with pytest.raises(CheckpointError, match="2 levels does not fit a model of 3"):
+    with pytest.raises(CheckpointError, match="2 blocks × 1 levels does not fit a model of 3 × 1"):
         ContextMemory(3).load_state_dict(memory.state_dict())
 
 

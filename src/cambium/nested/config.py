@@ -1,16 +1,16 @@
 """Config models of the nested-learning system. `CONFIG_MODEL` is the root every configs/nested/*.toml loads with.
 
-Vocabulary of the origin design: a model is *built* (not trained) on a *context* (not a dataset); its blocks are
-*levels*. The memory rule of every level is a `cambium.nn.memory.MemoryConfig` (the four MIRAS knobs), validated when
-the file loads. What issue 20 will build (the Continuous Memory System's `cms` levels, MAL, MAC with its `segment_len`,
-persistent tokens, full attention) is refused with "not built yet" rather than accepted and ignored.
+Vocabulary of the origin design: a model is *built* (not trained) on a *context* (not a dataset). A model has
+`n_blocks` blocks; "levels" are the Continuous Memory System's frequency levels only (`cms.periods`: a block's memory
+is k levels, level i updating every `periods[i]` outer steps). The memory rule of every level is a
+`cambium.nn.memory.MemoryConfig` (the four MIRAS knobs), validated when the file loads.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -19,44 +19,79 @@ from cambium.core.loop import LoopConfig
 from cambium.data.mixture import DatasetSpec, MixtureSpec
 from cambium.nn.memory.config import MemoryConfig
 
-BUILT_COMPOSITIONS = ("mag", "swa")
+MEMORY_COMPOSITIONS = ("mag", "mal", "mac")
+WINDOWED_COMPOSITIONS = ("mag", "mal", "swa")
 
-__all__ = ["BUILT_COMPOSITIONS", "CONFIG_MODEL", "BuildConfig", "ContextConfig", "ModelConfig", "NestedConfig"]
+__all__ = ["CONFIG_MODEL", "MEMORY_COMPOSITIONS", "WINDOWED_COMPOSITIONS", "BuildConfig", "CmsConfig",
+           "ContextConfig", "ModelConfig", "NestedConfig"]
 
 
 class ModelConfig(ConfigModel):
-    """The model: token embedding, `n_levels` blocks composing sliding-window attention with a memory, output head."""
-
-    unbuilt: ClassVar[Mapping[str, str]] = {
-        "segment_len": "MAC's segments, issue 20", "persistent_tokens": "persistent memory tokens, issue 20"}
+    """The model: token embedding, `n_blocks` blocks composing attention with a memory, output head."""
 
     vocab_size: int = Field(description="tokenizer vocabulary size", ge=2)
     dim: int = Field(description="model width D", ge=2)
-    n_levels: int = Field(description="number of blocks", ge=1)
+    n_blocks: int = Field(description="number of blocks (the CMS's frequency levels are `cms.periods`)", ge=1)
     heads: int = Field(description="attention and memory heads H (dim must divide by it)", ge=1)
     mlp_hidden: int = Field(description="hidden width of each block's SwiGLU", ge=1)
     composition: Literal["mag", "swa", "mal", "mac", "full"] = Field(
-        "mag", description="mag: SWA gated by σ(memory); swa: sliding-window attention only (the baseline); mal "
-        "(memory feeding SWA), mac (memory as context) and full (full causal attention) are not built yet (issue 20)"
+        "mag", description="mag: SWA gated by σ(memory); mal: a memory layer feeding SWA; mac: per segment, attend "
+        "over [persistent; memory read; segment], then write the segment into memory; swa: sliding-window attention "
+        "only; full: full causal attention over the chunk (the two baselines have no memory)"
     )
-    window: int = Field(description="attention window in tokens", ge=1)
-    memory: MemoryConfig = Field(default_factory=MemoryConfig, description="memory rule of every level (mag only)")
-
-    @field_validator("composition")
-    @classmethod
-    def _built(cls, value: str) -> str:
-        if value not in BUILT_COMPOSITIONS:
-            raise ValueError(f"not built yet (issue 20); use one of {', '.join(map(repr, BUILT_COMPOSITIONS))}")
-        return value
+    window: int | None = Field(None, description="attention window in tokens (mag, mal, swa; full and mac have none)",
+                               ge=1)
+    segment_len: int | None = Field(None, description="mac: tokens per segment (attention stays inside a segment; "
+                                    "the memory carries what came before)", ge=1)
+    persistent_tokens: int = Field(0, description="learned persistent tokens every attention also attends to "
+                                   "(keys and values only; 0 = none)", ge=0)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig,
+                                 description="memory rule of every CMS level of every block (mag, mal, mac)")
 
     @model_validator(mode="after")
     def _composition(self) -> ModelConfig:
         if self.dim % self.heads:
             raise ValueError(f"dim={self.dim} must be divisible by heads={self.heads}")
+        c = self.composition
+        if c in WINDOWED_COMPOSITIONS and self.window is None:
+            raise ValueError(f"composition={c!r} needs a window (model.window = tokens)")
+        if c not in WINDOWED_COMPOSITIONS and self.window is not None:
+            raise ValueError(f"composition={c!r} has no attention window; remove window={self.window}"
+                             + (" (mac attends within segment_len)" if c == "mac" else ""))
+        if (c == "mac") != (self.segment_len is not None):
+            raise ValueError("composition='mac' needs segment_len" if c == "mac" else
+                             f"segment_len={self.segment_len} is read by composition='mac' only; remove it")
         # The default table is what a resolved config writes back, so only settings that would be ignored are refused.
-        if self.composition == "swa" and self.memory != MemoryConfig():
-            raise ValueError("composition='swa' has no memory; remove the memory table (its settings would be ignored)")
+        if c not in MEMORY_COMPOSITIONS and self.memory != MemoryConfig():
+            raise ValueError(f"composition={c!r} has no memory; remove the memory table (its settings would be "
+                             "ignored)")
         return self
+
+    @property
+    def has_memory(self) -> bool:
+        return self.composition in MEMORY_COMPOSITIONS
+
+
+class CmsConfig(ConfigModel):
+    """The Continuous Memory System: each block's memory is k frequency levels. Level i fires every `periods[i]`
+    outer steps (on steps s with (s + 1) % period == 0): only then does its context memory advance and do its
+    parameters change, by the fp32 sum of the outer gradients buffered since it last fired."""
+
+    periods: tuple[int, ...] = Field((1, 8, 64, 512), description="update period in outer steps of each level, "
+                                     "strictly increasing (k = len(periods); [1] is the plain memory)", min_length=1)
+    combine: Literal["sum", "mix"] = Field(
+        "sum", description="how the levels' outputs combine: sum (m = Σ_i m_i) or mix (m = Σ_i softmax(w)_i m_i, "
+        "w learned, one weight per level and block)"
+    )
+
+    @field_validator("periods")
+    @classmethod
+    def _increasing(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(p < 1 for p in value):
+            raise ValueError("every period must be >= 1")
+        if any(b <= a for a, b in itertools.pairwise(value)):
+            raise ValueError("periods must be strictly increasing")
+        return value
 
 
 def _default_mixture() -> MixtureSpec:
@@ -108,12 +143,22 @@ class BuildConfig(LoopConfig):
 class NestedConfig(ConfigModel):
     """Root config of `cambium nested build|eval`."""
 
-    unbuilt: ClassVar[Mapping[str, str]] = {"cms": "the Continuous Memory System's frequency levels, issue 20"}
-
     name: str = Field("nested", pattern=r"^[A-Za-z0-9_.-]+$", description="run name (part of the run id)")
     model: ModelConfig = Field(description="model shape and composition")
+    cms: CmsConfig = Field(default_factory=CmsConfig, description="the Continuous Memory System's frequency levels "
+                           "(models with a memory)")
     context: ContextConfig = Field(default_factory=ContextConfig, description="the token stream")
     build: BuildConfig = Field(default_factory=BuildConfig, description="outer-loop settings")
+
+    @model_validator(mode="after")
+    def _fits(self) -> NestedConfig:
+        m = self.model
+        if not m.has_memory and self.cms != CmsConfig():
+            raise ValueError(f"model.composition={m.composition!r} has no memory; remove the cms table")
+        if self.context.carry_attention and m.window is None:
+            raise ValueError(f"context.carry_attention=true needs a windowed composition; {m.composition!r} has no "
+                             "window to carry")
+        return self
 
 
 CONFIG_MODEL = NestedConfig

@@ -84,6 +84,21 @@ class MemoryLayer(nn.Module):
                                   state if state is not None else self.initial_memory(b))
         return self.out(o.to(x.dtype).transpose(1, 2).reshape(b, t, h * e)), final
 
+    def read(self, x: torch.Tensor, state: MemoryState | None = None) -> torch.Tensor:
+        """Read the memory `state` (None: the learned initial memory) with the queries of x `[B, T, D]` and write
+        nothing: every token reads the same memory → `[B, T, D]`. It is the rule run with zero inner learning rate,
+        retention and momentum (θ = α = η = 0), whose step leaves every memory unchanged."""
+        if x.dim() != 3:
+            raise ConfigError(f"MemoryLayer input must be [B, T, D], got shape {tuple(x.shape)}")
+        b, t, _ = x.shape
+        h, e = self.heads, self.head_dim
+        q, k, v = self.qkv(x).view(b, t, 3, h, e).permute(2, 0, 3, 1, 4)
+        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
+        zero = torch.zeros(b, h, t, device=x.device)
+        o, _ = memory_forward(self.cfg, q, k, v, zero, zero, zero,
+                              state if state is not None else self.initial_memory(b))
+        return self.out(o.to(x.dtype).transpose(1, 2).reshape(b, t, h * e))
+
 
 class TitansMemory(MemoryLayer):
     """Titans neural long-term memory: MLP memory, momentum, decay, run chunkwise with chunk-start gradients
