@@ -3,12 +3,15 @@
 Shape (spec MOE-4 target): d=512, 64 routed experts top-6 + 2 shared, expert width 256, 2048 tokens, sigmoid router,
 route_scale 2.5. HF's block gets our weights copied in (router, selection bias, experts, shared experts) and its
 output must agree with ours to 1e-5 before anything is timed. HF experts implementations measured: "eager" (the
-per-expert loop) and, when the installed transformers has it, "grouped_mm". HF's "batched_mm" is left out: it gathers
+per-expert loop) and, when the installed transformers has it, "grouped_mm"; our other backends (grouped_mm,
+segmented, padded_bmm) are timed too. HF's "batched_mm" is left out: it gathers
 one weight matrix per (token, expert) row, [12288, 512, 512] fp32 ≈ 13 GB for the up projection alone at this shape.
 
 transformers is a bench-only dependency: `.venv/bin/pip install -c constraints.txt transformers`.
 Run: `python -m bench.moe_layer` (`--quick`: 16 experts top-4, 256 tokens, one round; it only checks that the
 benchmark works, because HF's eager loop costs a full-size weight-gradient allocation per expert).
+`python -m bench.moe_layer --backends`: our backends alone, segmented and grouped_mm against
+padded_bmm, on random inputs and with a selection bias that skews the loads, to bench/results/moe_layer_backends.json.
 """
 
 from __future__ import annotations
@@ -74,12 +77,48 @@ def step(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> Callab
     return run
 
 
+def backends_only(args: argparse.Namespace) -> None:
+    """Our expert backends alone (`--backends`): segmented and grouped_mm against padded_bmm, on random inputs and
+    with a selection bias that skews the loads (as a trained model's are), written to moe_layer_backends.json."""
+    n_experts, top_k = (16, 4) if args.quick else (64, 6)
+    tokens = args.tokens or (256 if args.quick else 2048)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(1, tokens, D, generator=gen)
+    grad = torch.randn(1, tokens, D, generator=gen)
+    records = []
+    for label, skew in (("random", 0.0), ("skewed", 0.5)):
+        layers = {}
+        for backend in ("padded_bmm", "segmented", "grouped_mm"):
+            m = build_ours(0, n_experts, top_k)
+            with torch.no_grad():
+                m.router.bias.copy_(torch.linspace(0, skew, n_experts) if skew else m.router.bias)
+            m.backend = backend  # type: ignore[assignment]
+            layers[backend] = m
+        load = layers["padded_bmm"](x)[1].load.double()
+        best = interleaved_best({k: step(m, x, grad) for k, m in layers.items()}, rounds=args.rounds or 3)
+        facts: dict[str, Any] = machine()
+        facts.update(tokens=tokens, shape=f"d={D} E={n_experts} top{top_k}+{SHARED} shared H={H}",
+                     max_over_mean_load=round(float(load.max() / load.mean()), 3), threads=torch.get_num_threads())
+        for name in ("segmented", "grouped_mm"):
+            rec = make_record(f"moe_layer_backends {label} {name} vs padded_bmm", "fwd+bwd seconds", best[name], "s",
+                              "padded_bmm", best["padded_bmm"], higher_is_better=False, machine_facts=facts)
+            records.append(rec)
+            print(f"{label} (max/mean load {facts['max_over_mean_load']}): {name} {best[name]:.3f} s, padded_bmm "
+                  f"{best['padded_bmm']:.3f} s, ratio {rec['ratio']:.2f}", flush=True)
+    write_results("moe_layer_backends", records, args.results_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     def extra(p: argparse.ArgumentParser) -> None:
         p.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 2048, --quick 512)")
         p.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5, --quick 1)")
+        p.add_argument("--backends", action="store_true", help="only our expert backends, random and skewed loads "
+                       "(no transformers needed)")
 
     args = parse_args(__doc__.splitlines()[0], argv, extra)
+    if args.backends:
+        backends_only(args)
+        return
     tokens = args.tokens or (256 if args.quick else 2048)
     rounds = args.rounds or (1 if args.quick else 3)
     n_experts, top_k = (16, 4) if args.quick else (64, 6)
@@ -119,10 +158,11 @@ def main(argv: list[str] | None = None) -> None:
     loop.backend = "loop"
     contenders["cambium_loop"] = step(loop, x, grad)
     contenders[f"cambium_{backend}"] = step(ours, x, grad)
-    if backend != "grouped_mm":
-        gmm = build_ours(0, n_experts, top_k)
-        gmm.backend = "grouped_mm"
-        contenders["cambium_grouped_mm"] = step(gmm, x, grad)
+    for other in ("grouped_mm", "segmented", "padded_bmm"):
+        if other != backend:
+            peer = build_ours(0, n_experts, top_k)
+            peer.backend = other  # type: ignore[assignment]
+            contenders[f"cambium_{other}"] = step(peer, x, grad)
 
     best = interleaved_best(contenders, rounds=rounds, warmup=1)
     facts: dict[str, Any] = machine()

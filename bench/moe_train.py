@@ -1,7 +1,8 @@
 """MoE training throughput at `moonlet-cpu`: tokens/s and MFU against this machine's fp32 matmul peak, measured in
 the same run, plus where the step time goes.
 
-Run: `python -m bench.moe_train [--quick] [--steps N] [--threads N] [--no-profile]`. Cases:
+Run: `python -m bench.moe_train [--quick] [--steps N] [--threads N] [--no-profile]`, or
+`python -m bench.moe_train --processes [--quick] [--steps N]` for the multi-process case alone. Cases:
 
 - `train_step` (tokens/s): `cambium.moe.train.MoETask.train_step` (data, forward, backward, clipping, Muon/AdamW,
   router-bias update, step metrics) on moonlet-cpu; reference: the dense twin of equal active parameters
@@ -13,6 +14,12 @@ Run: `python -m bench.moe_train [--quick] [--steps N] [--threads N] [--no-profil
 - `mfu_cpu_time`: the train-step MFU with both the step and the matmul peak timed on the process CPU-time clock
   (`time.process_time`). Other processes' load stretches wall time but hardly CPU time, so with `--threads 1` this
   is the uncontended figure; with more threads, OpenMP spin-waits count as CPU time and pull it down.
+
+- `processes_2` (tokens/s, `--processes`, written to `bench/results/moe_train_processes.json`): `cambium moe train`
+  launched as 1 process and as 2 gloo processes under torchrun (experts sharded, the same global batch), one thread
+  each; value: the 2-process run's tokens/s (rank 0's `perf/tokens_per_s`: global tokens per step over its step time,
+  median after 2 warm-up steps), reference: the 1-process run; ratio / 2 is the scaling efficiency. Shape `small` of
+  bench.moe_vs_dense (d=128, T=128, 16 sequences a step; `quick` with --quick).
 
 Step times are best-of-N (the uncontended estimate on a shared machine); medians are in `detail`. On a 2-core box
 shared with other jobs, `--threads 1` measures the code and the default (torch's thread count) measures the
@@ -28,6 +35,9 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +50,7 @@ from bench.moe_vs_dense import CONFIG, SHAPES, dense_twin
 from cambium.core.config import load
 from cambium.core.doctor import measure_matmul_peak
 from cambium.core.loop import DeviceContext
+from cambium.core.metrics import read_metrics
 from cambium.data.mixture import prepare_mixture
 from cambium.moe.config import MoEConfig
 from cambium.moe.model import MoETransformer, flops_per_token, lm_loss
@@ -115,7 +126,7 @@ def components(trainer: MoETask, repeats: int) -> dict[str, dict[str, float]]:
             routing = layer.router(flat)
         weights = routing.weights.detach().requires_grad_()
         backend = resolve_backend(layer.backend, flat.device, flat.dtype, (d, layer.expert_hidden))
-        assert backend in ("grouped_mm", "padded_bmm")
+        assert backend in ("grouped_mm", "padded_bmm", "segmented")
 
         def routed() -> torch.Tensor:
             plan = plan_dispatch(routing.indices, layer.n_experts)
@@ -205,10 +216,56 @@ def _extra(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per model (after 2 warm-up)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the config's / torch's)")
     parser.add_argument("--no-profile", action="store_true", help="skip the component breakdown and profiler")
+    parser.add_argument("--processes", action="store_true", help="measure tokens/s at 1 and 2 processes instead")
+
+
+def processes_tokens_per_s(config: Path, overrides: list[str], nproc: int, steps: int, work: Path) -> list[float]:
+    """`cambium moe train` as `nproc` processes (torchrun, gloo, one thread each): rank 0's perf/tokens_per_s of
+    every step after the first two."""
+    runs = work / f"nproc{nproc}"
+    head = [sys.executable, "-m", "cambium.moe"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "-m", "cambium.moe"]
+    sets = [*overrides, f"train.max_steps={steps + 2}", "train.threads=1", f"train.eval_every={10**6}",
+            f"train.checkpoint_every={10**6}", "train.eval_windows=1"]
+    cmd = [*head, "train", "--config", str(config), "--runs-dir", str(runs), "--no-prep",
+           *(a for x in sets for a in ("--set", x))]
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    (run,) = [p for p in runs.iterdir() if (p / "metrics.duckdb").exists()]
+    rows = sorted((r.step, r.value) for r in read_metrics(run / "metrics.duckdb", ["perf/tokens_per_s"]))
+    return [v for step, v in rows if step > 2]
+
+
+def processes(args: argparse.Namespace) -> None:
+    overrides = list(SHAPES["quick" if args.quick else "small"])
+    steps = args.steps or (4 if args.quick else 12)
+    cfg = load(args.config, MoEConfig, overrides)
+    if not (cfg.data.mixture.out_dir / "mixture.json").exists():
+        prepare_mixture(cfg.data.mixture)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="moe-processes-") as work:
+        rates = {n: processes_tokens_per_s(args.config, overrides, n, steps, Path(work)) for n in (1, 2)}
+    facts = machine("cpu")
+    facts["load_avg_before"] = [round(x, 2) for x in load_before]
+    facts["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    median = {n: statistics.median(v) for n, v in rates.items()}
+    case = cfg.name + ("-quick" if args.quick else "-small")
+    rec = make_record(f"{case}/processes_2", "tokens/s", median[2], "tokens/s", "1 process", median[1],
+                      higher_is_better=True, machine_facts=facts)
+    rec["detail"] = {"overrides": overrides, "steps": steps, "tokens_per_step": cfg.data.seq_len * cfg.data.batch_size,
+                     "tokens_per_s": {str(n): v for n, v in rates.items()},
+                     "scaling_efficiency": median[2] / median[1] / 2, "expert_parallel": True, "backend": "gloo"}
+    print(f"1 process {median[1]:.0f} tokens/s, 2 processes {median[2]:.0f} tokens/s: scaling efficiency "
+          f"{median[2] / median[1] / 2:.2f} (load {facts['load_avg_before']} -> {facts['load_avg_after']})")
+    write_results("moe_train_processes", [rec], args.results_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args("MoE training throughput and MFU at moonlet-cpu", argv, _extra)
+    if args.processes:
+        processes(args)
+        return
     overrides = list(SHAPES["quick"]) if args.quick else []
     threads = args.threads or (1 if args.quick else None)  # --quick: one thread stays sub-minute on a busy box
     if threads:

@@ -213,3 +213,25 @@ def test_train_cli_rebuilds_stale_data_for_a_new_run_and_refuses_it_on_resume(tm
     assert "prepared data is stale" in str(resumed.exception) and "prep-mixture" in str(resumed.exception)
     fresh = cli.invoke(app, [a for a in args if a != "--no-prep"])
     assert fresh.exit_code == 0, fresh.output
+
+
+def test_the_sharded_state_is_part_of_the_checkpoint_and_hashed(mixture_dir: Path, tmp_path: Path) -> None:
+    """`shards/` (torch.distributed.checkpoint files) is listed in meta.json: a damaged shard fails verification
+    and the checkpoint is not resumed from."""
+    from cambium.core.checkpoint import latest_checkpoint, verify_checkpoint
+    from cambium.core.errors import CheckpointError
+
+    cfg = tiny(mixture_dir, "train.max_steps=2", "train.eval_every=100", "train.checkpoint_every=1")
+    result = train(cfg, tmp_path / "runs", show_progress=False, measure_peak=False)
+    ckpt = latest_checkpoint(result.run_dir / "checkpoints")
+    assert ckpt is not None and ckpt.name == "step_00000002"
+    meta = verify_checkpoint(ckpt)
+    assert {"shards/.metadata", "shards/__0_0.distcp", "optimizer_groups.pt", "scheduler.pt"} <= set(meta["files"])
+    assert "model.pt" not in meta["files"]
+    shard = ckpt / "shards" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"shards/__0_0\.distcp does not match its sha256"):
+        verify_checkpoint(ckpt)
+    assert latest_checkpoint(result.run_dir / "checkpoints").name == "step_00000001"  # type: ignore[union-attr]

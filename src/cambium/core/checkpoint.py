@@ -97,12 +97,15 @@ def save_checkpoint(
     generators: Mapping[str, np.random.Generator] | None = None,
     keep: int | None = None,
     on_file_written: Callable[[Path], None] | None = None,
+    attach: Mapping[str, Path] | None = None,
 ) -> Path:
     """Write `state` (name -> object with `state_dict()` or a state dict) as the checkpoint of `step`.
 
     The RNG states (global ones plus `generators`) and `data_cursor` are saved alongside. `keep` prunes to the last
     `keep` checkpoints afterwards. `on_file_written(path)` is called after each file of the temporary directory is
-    written (the resume tests use it to stop the process mid-write). Returns the final directory.
+    written (the resume tests use it to stop the process mid-write). `attach` (subdirectory name -> directory)
+    moves directories written beforehand, e.g. by every rank with torch.distributed.checkpoint, into the checkpoint;
+    their files are listed and hashed in meta.json like the others. Returns the final directory.
     """
     if isinstance(step, bool) or not isinstance(step, int) or step < 0:
         raise CheckpointError(f"checkpoint step {step!r} must be a non-negative int")
@@ -127,6 +130,13 @@ def save_checkpoint(
         if on_file_written is not None:
             on_file_written(path)
 
+    for sub, source in (attach or {}).items():
+        if not _STATE_NAME_RE.match(sub) or sub in _RESERVED or sub in state:
+            raise CheckpointError(f"attached directory name {sub!r} must be a file-name-safe word other than the "
+                                  "state names")
+        os.rename(source, tmp / sub)
+        for path in sorted(p for p in (tmp / sub).rglob("*") if p.is_file()):
+            files[str(path.relative_to(tmp))] = _fsync_and_describe(path)
     for name, obj in state.items():
         path = tmp / f"{name}.pt"
         torch.save(obj.state_dict() if hasattr(obj, "state_dict") else dict(obj), path)

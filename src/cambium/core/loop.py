@@ -179,6 +179,13 @@ class Task:
         raise ConfigError(f"{self.label} does not run data parallel (launched with {dist.world_size} ranks); run it "
                           "in one process")
 
+    def save_shards(self, directory: Path) -> bool:
+        """Called on every rank before each checkpoint: a task whose state is spread over ranks (e.g. experts
+        sharded across them) writes it into `directory` (every rank the same one, e.g. with
+        torch.distributed.checkpoint) and returns True; rank 0 then moves it into the checkpoint as `shards/`.
+        Default: nothing to write (the states are whole on rank 0)."""
+        return False
+
     def restore(self, ckpt: Checkpoint) -> None:
         """Load a checkpoint into the task (override when states must be rebuilt before they can be loaded)."""
         ckpt.restore(self.states())
@@ -347,7 +354,22 @@ class Session:
         log.info("resumed %s%s at step %d", self.run.id, f" ({phase})" if phase else "", start)
         return start
 
+    def _shards(self, task: Task, step: int) -> dict[str, Path]:
+        """Every rank: the task's sharded state for the checkpoint of `step`, staged beside the checkpoints."""
+        staging = self.run.checkpoint_dir / f".shards-step_{step:08d}"
+        if self.is_main:
+            for stale in self.run.checkpoint_dir.glob(".shards-step_*"):  # left by a process killed mid-save
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir(parents=True)
+        self.barrier()
+        wrote = task.save_shards(staging)
+        self.barrier()
+        if not wrote and self.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        return {"shards": staging} if wrote else {}
+
     def _checkpoint(self, task: Task, done: int, offset: int, phase: str | None) -> None:
+        attach = self._shards(task, offset + done) if type(task).save_shards is not Task.save_shards else {}
         if self.is_main:
             self.metrics.flush()
             g = offset + done
@@ -355,7 +377,7 @@ class Session:
                       "config_fingerprint": self.fingerprint}
             save_checkpoint(self.run.checkpoint_dir, g, task.states(), data_cursor=cursor,
                             keep=self.loop.keep_checkpoints,
-                            on_file_written=self.reporter.checkpoint_file_callback(g))
+                            on_file_written=self.reporter.checkpoint_file_callback(g), attach=attach)
             self.reporter.checkpoint_saved(g)
         self.barrier()
 

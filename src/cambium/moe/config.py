@@ -5,6 +5,7 @@ Shapes follow DeepSeek-V3's naming where there is one (kv_lora_rank, qk_rope_hea
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
@@ -64,8 +65,9 @@ class MoELayerConfig(ConfigModel):
     bias_clamp: float = Field(1.0, description="routing biases are clamped to [−clamp, clamp]", gt=0)
     seq_aux_coef: float = Field(0.0, description="α of the sequence-wise balance loss α·Σ f_i·P_i (0 = off)", ge=0)
     z_loss_coef: float = Field(0.0, description="router z-loss coefficient (0 = off)", ge=0)
-    backend: Literal["auto", "grouped_mm", "padded_bmm", "loop"] = Field(
-        "auto", description="expert compute: auto, grouped_mm, padded_bmm, or the per-expert loop reference"
+    backend: Literal["auto", "grouped_mm", "padded_bmm", "segmented", "loop"] = Field(
+        "auto", description="expert compute: auto, grouped_mm, padded_bmm, segmented (one matmul per expert's row "
+        "segment), or the per-expert loop reference"
     )
     lowp: Literal["none", "mxfp8", "nvfp4"] = Field(
         "none", description="quantise-dequantise emulation of expert matmul operands (none, mxfp8, nvfp4)"
@@ -141,7 +143,7 @@ class DataConfig(ConfigModel):
 
 
 class OptimConfig(ConfigModel):
-    """Separate learning rates and weight decay for dense, router, expert and embedding parameters.
+    """Separate learning rates and weight decay for dense, router, expert and embedding parameters (MOE-6).
 
     With `muon`, the 2-D dense matrices (attention projections, dense and shared-expert SwiGLUs) use Muon with the
     Moonlight update scale (so `dense_lr` works for both); norms and other 1-D dense parameters use AdamW.
@@ -154,7 +156,12 @@ class OptimConfig(ConfigModel):
     expert_lr: float = Field(3e-3, description="peak lr of the routed experts (AdamW)", gt=0)
     router_lr: float = Field(1e-3, description="peak lr of the router weights (AdamW)", gt=0)
     embedding_lr: float = Field(3e-3, description="peak lr of the embedding and output head (AdamW)", gt=0)
-    weight_decay: float = Field(0.1, description="decoupled weight decay of matrices (not of norms/routers)", ge=0)
+    dense_weight_decay: float = Field(0.1, description="decoupled weight decay of the 2-D dense matrices (norms and "
+                                      "other 1-D dense parameters get none)", ge=0)
+    expert_weight_decay: float = Field(0.1, description="decoupled weight decay of the routed experts", ge=0)
+    router_weight_decay: float = Field(0.0, description="decoupled weight decay of the router weights", ge=0)
+    embedding_weight_decay: float = Field(0.0, description="decoupled weight decay of the embedding and output head",
+                                          ge=0)
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
     grad_clip: float | None = Field(1.0, description="clip the global gradient norm to this (None = no clipping)", gt=0)
 
@@ -166,6 +173,13 @@ class TrainConfig(LoopConfig):
     expert_stats_every: int = Field(10, description="write per-expert loads and biases every this many steps", ge=1,
                                     json_schema_extra=RESUME_SAFE)
     eval_windows: int = Field(16, description="validation windows per dataset at each evaluation", ge=1)
+    init_from_hf: Path | None = Field(None, description="a new run starts from the weights of this Hugging Face "
+                                      "DeepseekV3ForCausalLM directory (its architecture must be the model table's: "
+                                      "`cambium moe import-hf` writes such a config); None: random initialisation")
+    expert_parallel: bool = Field(True, description="under torchrun with several ranks: shard the routed experts "
+                                  "across them (n_routed_experts % world_size == 0) and exchange tokens all-to-all; "
+                                  "false: every rank holds every expert (data parallel only)",
+                                  json_schema_extra=RESUME_SAFE)
 
 
 class MoEConfig(ConfigModel):

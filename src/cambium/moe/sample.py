@@ -13,6 +13,7 @@ from cambium.core.runs import get_run
 from cambium.data.mixture import load_tokenizer
 from cambium.moe.config import MoEConfig
 from cambium.moe.model import MoETransformer
+from cambium.moe.parallel import load_sharded_state
 
 
 def load_trained(runs_root: Path, run: str) -> tuple[MoEConfig, MoETransformer, int]:
@@ -24,7 +25,10 @@ def load_trained(runs_root: Path, run: str) -> tuple[MoEConfig, MoETransformer, 
         raise CheckpointError(f"run {record.id} has no checkpoint yet; train it first")
     model = MoETransformer(cfg.model)
     ckpt = load_checkpoint(path)
-    model.load_state_dict(ckpt.states["model"])
+    if "model" in ckpt.states:  # written before sharded checkpoints
+        model.load_state_dict(ckpt.states["model"])
+    else:
+        load_sharded_state(path / "shards", model)
     model.eval()
     return cfg, model, ckpt.step
 

@@ -5,9 +5,14 @@ S = N·K routed (token, slot) rows.
 
 The routed path is three separate steps so that the middle one can later run on other ranks (expert parallel):
   1. `plan_dispatch` + `dispatch`: sort the S rows by expert → `[S, D]` plus per-expert counts `[E]`;
-  2. `expert_compute`: SwiGLU per expert over contiguous row groups (grouped matmul or padded batched matmul);
+  2. `expert_compute`: SwiGLU per expert over contiguous row groups (grouped matmul, padded batched matmul, or one
+     matmul per expert segment);
   3. `combine`: unsort and sum each token's K outputs weighted by its gate weights (gate gradients flow here).
 `moe_reference` is the per-expert loop (mask, gather, compute, index_add) that every backend is tested against.
+
+Expert parallel (`MoE.shard_experts`): each of W ranks keeps E/W routed experts; step 2 becomes `expert_parallel`:
+the sorted rows travel to the rank owning their expert (differentiable all-to-all), are computed there and come back
+in the same order, so steps 1 and 3 are unchanged and the gradient of an expert's weights sums every rank's tokens.
 
 Router controls: selection uses scores + a per-expert bias that only steers which experts are chosen (aux-loss-free
 balancing, updated outside autograd by `MoE.update_bias` after each optimiser step); gate weights use the unbiased
@@ -18,19 +23,20 @@ balance loss α·Σ_i f_i·P_i and the router z-loss mean(logsumexp(logits)²).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cambium.core.errors import ConfigError, DeviceError
+from cambium.core.errors import ConfigError, DeviceError, DistributedError
 from cambium.nn.lowp import LowPrecision, fake_quantize
 from cambium.nn.mlp import SwiGLU
 
 __all__ = [
     "Backend",
     "DispatchPlan",
+    "ExpertShard",
     "MoE",
     "MoEAux",
     "Router",
@@ -40,13 +46,14 @@ __all__ = [
     "combine",
     "dispatch",
     "expert_compute",
+    "expert_parallel",
     "grouped_mm_unsupported_reason",
     "moe_reference",
     "plan_dispatch",
     "resolve_backend",
 ]
 
-Backend = Literal["auto", "grouped_mm", "padded_bmm", "loop"]
+Backend = Literal["auto", "grouped_mm", "padded_bmm", "segmented", "loop"]
 ScoreFunc = Literal["sigmoid", "softmax"]
 
 
@@ -251,8 +258,9 @@ def grouped_mm_unsupported_reason(device: torch.device, dtype: torch.dtype, widt
 
 def resolve_backend(backend: Backend, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...]) -> Backend:
     """The concrete backend for `backend` on this device. "auto" takes grouped_mm on accelerators that support it
-    and the padded batched matmul elsewhere (on CPU, torch's grouped_mm is a slow per-group loop: see docs/moe.md).
-    Asking for grouped_mm where it cannot run is a DeviceError, never a silent fallback."""
+    and the padded batched matmul elsewhere (on CPU, torch's grouped_mm is a slow per-group loop: see docs/moe.md;
+    "segmented" is faster still on CPU, chosen by config). Asking for grouped_mm where it cannot run is a
+    DeviceError, never a silent fallback."""
     if backend == "auto":
         if device.type != "cpu" and grouped_mm_unsupported_reason(device, dtype, widths) is None:
             return "grouped_mm"
@@ -274,14 +282,16 @@ def expert_compute(
     counts: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
-    backend: Literal["grouped_mm", "padded_bmm"],
+    backend: Literal["grouped_mm", "padded_bmm", "segmented"],
     lowp: LowPrecision | None = None,
 ) -> torch.Tensor:
     """SwiGLU of each row with its expert's weights. x_sorted `[S, D]` grouped by expert with `counts` `[E]`;
     w13 `[E, D, 2H]` (gate columns then up columns), w2 `[E, H, D]`. Returns `[S, D]` in the same order.
 
     padded_bmm copies the rows into `[E, C, D]` with C = max count (dropless: C grows with the busiest expert, so
-    memory is E·C·D, at worst E·S·D when every row picks one expert).
+    memory is E·C·D, at worst E·S·D when every row picks one expert). segmented splits the rows into each expert's
+    segment (views, no copy) and runs two matmuls per non-empty expert: no padding, E small matmuls instead of two
+    batched ones; split/unbind/cat keep the backward free of per-expert full-size zero gradients.
     """
     if lowp is not None:
         x_sorted, w13 = fake_quantize(x_sorted, lowp, dim=-1), fake_quantize(w13, lowp, dim=1)
@@ -296,6 +306,8 @@ def expert_compute(
             h = fake_quantize(h, lowp, dim=-1)
         out: torch.Tensor = _ContiguousGrad.apply(_grouped_mm(h, w2.to(dtype), offs))
         return out
+    if backend == "segmented":
+        return _segmented(x_sorted, counts, w13, w2, lowp)
     n_experts, s = counts.shape[0], x_sorted.shape[0]
     cap = int(counts.max())
     starts = counts.cumsum(0) - counts
@@ -311,6 +323,76 @@ def expert_compute(
     out = torch.bmm(h, w2).view(n_experts * cap, -1)
     rows: torch.Tensor = _GatherRows.apply(out, slot, source, 1, False, True)
     return rows
+
+
+@dataclass(frozen=True)
+class ExpertShard:
+    """This rank's share of the routed experts: experts [rank·E/W, (rank + 1)·E/W) of E, tokens exchanged over
+    `group` (a torch.distributed process group of the W expert-parallel ranks)."""
+
+    rank: int
+    world_size: int
+    group: Any
+
+    def local_range(self, n_experts: int) -> tuple[int, int]:
+        per = n_experts // self.world_size
+        return self.rank * per, (self.rank + 1) * per
+
+
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+    """Differentiable all-to-all of rows: rows [sum(in_splits[:q]), ...) go to rank q; `out_splits[q]` rows come
+    from rank q, in rank order. The backward is the reverse exchange."""
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    out = all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
+    wait = getattr(out, "wait", None)
+    return wait() if wait is not None else out
+
+
+def expert_parallel(
+    x_sorted: torch.Tensor,
+    counts: torch.Tensor,
+    w13_local: torch.Tensor,
+    w2_local: torch.Tensor,
+    shard: ExpertShard,
+    backend: Literal["grouped_mm", "padded_bmm", "segmented"],
+    lowp: LowPrecision | None = None,
+) -> torch.Tensor:
+    """`expert_compute` with the experts spread over ranks. x_sorted `[S, D]` grouped by global expert with
+    `counts` `[E]` (this rank's tokens); w13_local `[E/W, D, 2H]`, w2_local `[E/W, H, D]` (this rank's experts).
+    Returns `[S, D]` in x_sorted's order. Every rank of `shard.group` must call it (collective)."""
+    import torch.distributed as dist
+
+    w, per = shard.world_size, w13_local.shape[0]
+    send = counts.view(w, per)  # rows for rank q's experts, per local expert of q
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send.contiguous(), group=shard.group)
+    in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()
+    x_recv = _all_to_all(x_sorted, out_splits, in_splits, shard.group)  # rows by (source rank, local expert)
+    # Regroup the received rows by local expert (stable: source-rank order within an expert), compute, undo.
+    expert_of_row = torch.arange(per, device=counts.device).repeat(w)
+    expert_of_row = torch.repeat_interleave(expert_of_row, recv.flatten(), output_size=x_recv.shape[0])
+    order = torch.argsort(expert_of_row, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    y_local = expert_compute(x_recv.index_select(0, order), recv.sum(0), w13_local, w2_local, backend, lowp)
+    return _all_to_all(y_local.index_select(0, inverse), in_splits, out_splits, shard.group)
+
+
+def _segmented(x_sorted: torch.Tensor, counts: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
+               lowp: LowPrecision | None) -> torch.Tensor:
+    outs = []
+    for x_e, w13_e, w2_e in zip(x_sorted.split(counts.tolist()), w13.unbind(0), w2.unbind(0), strict=True):
+        if x_e.shape[0] == 0:
+            continue
+        h = _swiglu(x_e @ w13_e)
+        if lowp is not None:
+            h = fake_quantize(h, lowp, dim=-1)
+        outs.append(h @ w2_e)
+    if not outs:  # no rows (no token routed to this rank's experts): still part of the graph, so that the backward
+        # reaches the all-to-all that brought the (zero) rows here
+        return x_sorted @ x_sorted.new_zeros(x_sorted.shape[1], w2.shape[-1])
+    return torch.cat(outs)
 
 
 def moe_reference(x: torch.Tensor, routing: RouterOutput, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -378,6 +460,25 @@ class MoE(nn.Module):
         self.seq_aux_coef, self.z_loss_coef, self.bias_clamp = seq_aux_coef, z_loss_coef, bias_clamp
         self.backend: Backend = backend
         self.lowp = lowp
+        self.shard: ExpertShard | None = None
+
+    @torch.no_grad()
+    def shard_experts(self, shard: ExpertShard) -> None:
+        """Keep only this rank's E/W routed experts (the Parameter objects stay, so an optimiser built before still
+        holds them). The router keeps scoring all E experts; `forward` then runs `expert_parallel`."""
+        if self.shard is not None:
+            raise DistributedError("the experts of this MoE layer are already sharded")
+        if self.n_experts % shard.world_size:
+            raise ConfigError(f"expert parallel needs n_routed_experts % world_size == 0, got n_routed_experts="
+                              f"{self.n_experts} over {shard.world_size} ranks; choose a world size that divides it "
+                              "(or turn expert parallelism off)")
+        if self.backend == "loop":
+            raise ConfigError("moe.backend='loop' is the single-process reference; expert parallel needs "
+                              "'auto', 'padded_bmm' or 'grouped_mm'")
+        lo, hi = shard.local_range(self.n_experts)
+        self.w13.data = self.w13.data[lo:hi].clone()
+        self.w2.data = self.w2.data[lo:hi].clone()
+        self.shard = shard
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         b, t, d = x.shape
@@ -389,7 +490,11 @@ class MoE(nn.Module):
             routed = moe_reference(flat, routing, self.w13, self.w2)
         else:
             assert backend != "auto"
-            y_sorted = expert_compute(dispatch(flat, plan), plan.counts, self.w13, self.w2, backend, self.lowp)
+            x_sorted = dispatch(flat, plan)
+            if self.shard is None:
+                y_sorted = expert_compute(x_sorted, plan.counts, self.w13, self.w2, backend, self.lowp)
+            else:
+                y_sorted = expert_parallel(x_sorted, plan.counts, self.w13, self.w2, self.shard, backend, self.lowp)
             routed = combine(y_sorted, routing.weights, plan)
         out = routed.view(b, t, d)
         if self.shared is not None:
