@@ -1,6 +1,7 @@
-"""Real servers for integration tests: redis-server and PostgreSQL started from their Debian binaries on loopback,
-each with a temporary data directory, and stopped afterwards. `.ci/run` installs the binaries; on a developer machine
-without them the tests skip, in CI (CI=true) they fail.
+"""Real servers for integration tests: redis-server and PostgreSQL started from their Debian binaries, and moto_server
+(an S3-compatible store, from the `moto[server]` package) on loopback, each with a temporary data directory, and
+stopped afterwards. `.ci/run` installs the binaries; on a developer machine without them the tests skip, in CI
+(CI=true) they fail.
 """
 
 from __future__ import annotations
@@ -10,8 +11,11 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -102,3 +106,49 @@ def postgres_dsn() -> Iterator[str]:
     finally:
         subprocess.run(_as_postgres([str(pg_ctl), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _http_up(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """An S3-compatible endpoint (moto_server) on loopback; any credentials are accepted."""
+    beside = Path(sys.executable).with_name("moto_server")
+    binary = str(beside) if beside.is_file() else shutil.which("moto_server")
+    if binary is None:
+        _missing("moto_server (pip install 'moto[server]')")
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait(lambda: _http_up(url + "/moto-api/"), "moto_server")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def database_url(postgres_dsn: str) -> Iterator[str]:
+    """A fresh database per test on the session's PostgreSQL server."""
+    import psycopg
+
+    name = f"urza_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"create database {name}")
+    yield postgres_dsn.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(postgres_dsn, autocommit=True) as conn:
+        conn.execute(f"drop database {name} with (force)")
+
+
+@pytest.fixture
+def bucket() -> str:
+    """A fresh bucket name per test (the store creates it on first write)."""
+    return f"urza-{uuid.uuid4().hex[:10]}"

@@ -37,10 +37,10 @@ class Harness:
     """Tolaria on the XOR task with accuracy as the validation metric."""
 
     def __init__(self, tmp_path, host: nn.Module | None = None, *, policy: bool = False,
-                 on_compile_start: Any = None, **lifecycle) -> None:
+                 on_compile_start: Any = None, bus: Any = None, **lifecycle) -> None:
         self.cfg = config(tmp_path, **lifecycle)
         self.m: Morphogenesis = assemble(host if host is not None else linear_host(), self.cfg,
-                                         on_compile_start=on_compile_start)
+                                         on_compile_start=on_compile_start, bus=bus)
         if not policy:
             self.m.policy.cfg = self.m.policy.cfg.model_copy(update={"health_threshold": 0.0})
         self.opt = torch.optim.AdamW(self.m.kasmina.host_parameters(), lr=1e-2)

@@ -31,10 +31,16 @@ def train_command(
     resume: str | None = options.RESUME,
     device: str | None = options.DEVICE,
     runs_dir: Path = options.RUNS_DIR,
+    bus_namespace: Annotated[str | None, typer.Option(
+        help="with REDIS_URL: the Redis key prefix of the run's bus streams (default oona:<run id>); compile workers "
+        "(`library.compile_in = \"workers\"`) are started with the same --namespace")] = None,
 ) -> None:
     """Train the host CNN on CIFAR-10 with seeds (or without, for the baseline); prints the report summary."""
+    import os
+
     from cambium.core.loop import load_run_config
     from cambium.core.progress import ProgressReporter
+    from cambium.morph.backends import Endpoints
     from cambium.morph.train import train
 
     sets = list(overrides)
@@ -49,7 +55,7 @@ def train_command(
         assert config is not None
         name = config.stem + ("-static" if no_morphogenetic else "")
     _print_summary(train(cfg, name=name, runs_root=runs_dir, resume=resume, reporter=ProgressReporter.from_env(),
-                         measure_peak=True))
+                         measure_peak=True, endpoints=Endpoints.from_env(os.environ), bus_namespace=bus_namespace))
 
 
 @app.command("compare")
@@ -72,6 +78,101 @@ def compare_command(
         typer.echo(f"{name}: val_acc {e['val_acc']['mean']:+.4f} ± {e['val_acc']['sd']:.4f}, test_acc "
                    f"{e['test_acc']['mean']:+.4f} ± {e['test_acc']['sd']:.4f} over {e['seeds']} seed(s)")
     typer.echo(f"report: {result.report_path}")
+
+
+@app.command("serve")
+def serve_command(
+    config: Annotated[Path | None, typer.Option("--config", help="morph TOML: policy, adaptation budget and "
+                                                "library.root (default: the built-in defaults)")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; beyond loopback only with CAMBIUM_API_TOKEN")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8765,
+    bucket: Annotated[str, typer.Option(help="S3 bucket of the artifacts (with S3_ENDPOINT_URL)")] = "cambium-urza",
+    namespace: Annotated[str, typer.Option(help="Redis key prefix of the bus streams (with REDIS_URL)")] = "oona",
+) -> None:
+    """MOR-9: serve the Urza, Tamiyo and Kasmina HTTP APIs (OpenAPI at /openapi.json) on the backends the
+    environment names (REDIS_URL, DATABASE_URL, S3_ENDPOINT_URL; bearer token CAMBIUM_API_TOKEN)."""
+    import os
+
+    import uvicorn
+
+    from cambium.morph.api import check_bind, create_app
+    from cambium.morph.backends import Endpoints, open_bus, open_urza
+    from cambium.morph.config import MorphConfig
+    from cambium.morph.services import TamiyoService
+
+    cfg = load(config, CONFIG_MODEL) if config is not None else MorphConfig()
+    ends = Endpoints.from_env(os.environ)
+    check_bind(host, ends.api_token)
+    urza = open_urza(ends, cfg.library.root, bucket=bucket)
+    bus = open_bus(ends, namespace=namespace)
+    tamiyo = TamiyoService(urza, cfg.policy, cfg.lifecycle.max_adaptations_per_epoch)
+    typer.echo(f"morph services on http://{host}:{port} (OpenAPI: /openapi.json; auth: "
+               f"{'bearer token' if ends.api_token else 'none, loopback only'})")
+    try:
+        uvicorn.run(create_app(urza, bus, token=ends.api_token, tamiyo=tamiyo), host=host, port=port,
+                    log_level="warning")
+    finally:
+        bus.close()
+
+
+@app.command("worker")
+def worker_command(
+    consumer: Annotated[str, typer.Option(help="this worker's name in the consumer group (unique per worker)")],
+    config: Annotated[Path | None, typer.Option("--config", help="morph TOML (library.root and benchmark "
+                                                "settings)")] = None,
+    min_idle: Annotated[float, typer.Option(help="claim requests another worker has held this many seconds")]
+    = 30.0,
+    bucket: Annotated[str, typer.Option(help="S3 bucket of the artifacts (with S3_ENDPOINT_URL)")] = "cambium-urza",
+    namespace: Annotated[str, typer.Option(help="Redis key prefix of the bus streams")] = "oona",
+) -> None:
+    """Run a Tezzeret compile worker over REDIS_URL (and DATABASE_URL / S3_ENDPOINT_URL) until SIGTERM or Ctrl-C."""
+    import os
+    import signal
+    import threading
+
+    from cambium.core.errors import ConfigError
+    from cambium.morph.backends import Endpoints, open_bus, open_urza
+    from cambium.morph.config import MorphConfig
+    from cambium.morph.worker import run_compile_worker
+
+    cfg = load(config, CONFIG_MODEL) if config is not None else MorphConfig()
+    ends = Endpoints.from_env(os.environ)
+    if ends.redis_url is None:
+        raise ConfigError("a compile worker needs REDIS_URL: with the in-process bus nothing could reach it")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    bus = open_bus(ends, namespace=namespace)
+    typer.echo(f"tezzeret worker {consumer} serving compilation.blueprint.submitted")
+    try:
+        stats = run_compile_worker(bus, open_urza(ends, cfg.library.root, bucket=bucket), consumer=consumer,
+                                   stop=stop, min_idle_s=min_idle, benchmark_batch=cfg.library.benchmark_batch,
+                                   benchmark_repeats=cfg.library.benchmark_repeats)
+    except KeyboardInterrupt:
+        return
+    finally:
+        bus.close()
+    typer.echo(f"tezzeret worker {consumer}: compiled {stats.compiled}, failed {stats.failed}, "
+               f"claimed {stats.claimed} from dead workers")
+
+
+@app.command("check-services")
+def check_services_command(
+    config: Annotated[Path | None, typer.Option("--config", help="morph TOML (its library.root is checked)")] = None,
+    bucket: Annotated[str, typer.Option(help="S3 bucket of the artifacts (with S3_ENDPOINT_URL)")] = "cambium-urza",
+) -> None:
+    """Report the health of each morph backend (bus, metadata, artifacts, API token); exit 1 if one is down."""
+    import os
+
+    from cambium.morph.backends import Endpoints, check_services
+    from cambium.morph.config import MorphConfig
+
+    cfg = load(config, CONFIG_MODEL) if config is not None else MorphConfig()
+    rows = check_services(Endpoints.from_env(os.environ), cfg.library.root, bucket=bucket)
+    for r in rows:
+        typer.echo(f"{'ok  ' if r.ok else 'DOWN'} {r.service:<15} {r.backend:<40} {r.latency_ms:7.1f} ms  {r.detail}")
+    if not all(r.ok for r in rows):
+        raise typer.Exit(1)
 
 
 @app.command("report")

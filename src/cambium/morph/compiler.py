@@ -31,7 +31,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from cambium.morph.bus import InProcessBus
+from cambium.morph.bus import Bus
 from cambium.morph.contracts import (
     BlueprintIR,
     BlueprintStatus,
@@ -121,7 +121,7 @@ class Tezzeret:
     """The background compiler."""
 
     def __init__(
-        self, urza: Urza, bus: InProcessBus | None = None, *, device: str = "cpu", benchmark_batch: int = 8,
+        self, urza: Urza, bus: Bus | None = None, *, device: str = "cpu", benchmark_batch: int = 8,
         benchmark_repeats: int = 5, on_start: Callable[[CompilationRequest], None] | None = None,
     ) -> None:
         self.urza = urza
@@ -154,21 +154,9 @@ class Tezzeret:
 
     def _run(self, request: CompilationRequest) -> KernelReady:
         try:
-            try:
-                if self.on_start is not None:
-                    self.on_start(request)
-                artifact = self.compile(request.blueprint_id, request.settings)
-                ready = KernelReady(
-                    request_id=request.request_id, blueprint_id=request.blueprint_id, status=KernelStatus.READY,
-                    artifact=artifact,
-                )
-                self.compiled += 1
-            except Exception as exc:  # reported on the bus; the training loop decides what to do
-                self.failed += 1
-                ready = KernelReady(
-                    request_id=request.request_id, blueprint_id=request.blueprint_id, status=KernelStatus.FAILED,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
+            if self.on_start is not None:
+                self.on_start(request)
+            ready = self.outcome(request)
             if self.bus is not None:
                 self.bus.publish("compilation.kernel.ready", ready)
             return ready
@@ -183,10 +171,22 @@ class Tezzeret:
         with self._idle:
             return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
 
+    def outcome(self, request: CompilationRequest) -> KernelReady:
+        """Compile synchronously and say how it went; a failure is reported, never raised (the trainer decides)."""
+        try:
+            artifact = self.compile(request.blueprint_id, request.settings)
+        except Exception as exc:  # any failure of a blueprint must reach the trainer as FAILED, not kill the worker
+            self.failed += 1
+            return KernelReady(request_id=request.request_id, blueprint_id=request.blueprint_id,
+                               status=KernelStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        self.compiled += 1
+        return KernelReady(request_id=request.request_id, blueprint_id=request.blueprint_id,
+                           status=KernelStatus.READY, artifact=artifact)
+
     def compile(self, blueprint_id: str, settings: CompileSettings) -> CompiledKernelArtifact:
         """Compile synchronously (the worker's body); reuses a stored kernel with the same IR and settings."""
         bp = self.urza.blueprint(blueprint_id)
-        for art in self.urza.meta.list_artifacts():
+        for art in self.urza.meta.list_artifacts(bp.blueprint_id):
             if (art.ir_hash == bp.blueprint_id and art.settings == settings and art.device == self.device
                     and not self._outdated(art)):
                 return art

@@ -120,6 +120,16 @@ class LibraryConfig(ConfigModel):
     backend: Literal["eager", "codegen"] = Field(default="codegen", description="Tezzeret compile backend")
     benchmark_batch: int = Field(default=8, ge=1, description="batch size of Urabrask's latency measurement")
     benchmark_repeats: int = Field(default=5, ge=1, description="timed forwards per benchmark (median kept)")
+    compile_in: Literal["thread", "workers"] = Field(
+        default="thread",
+        description="where Tezzeret compiles: 'thread' (a background thread of the trainer) or 'workers' "
+        "(`cambium morph worker` processes reached through Redis; needs REDIS_URL)",
+    )
+    worker_wait_s: float = Field(
+        default=300.0, gt=0.0,
+        description="compile_in = 'workers' with lifecycle.await_compiles: the longest a boundary waits for the "
+        "workers' outcomes before going on without them",
+    )
 
 
 class DataConfig(ConfigModel):

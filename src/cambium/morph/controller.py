@@ -39,6 +39,29 @@ class HeuristicPolicy:
         )
         return options[seed.failures % len(options)] if options else None
 
+    def explain(self, packet: SystemStatePacket) -> dict[str, str]:
+        """Why each seed with telemetry in `packet` is a candidate or not: seed_id → 'candidate' or the reason."""
+        seeds = {s.seed_id: s for s in packet.seeds}
+        out = {}
+        for h in packet.health:
+            seed = seeds.get(h.seed_id)
+            if seed is None:
+                why = "no seed with this id in the packet"
+            elif seed.state != SeedState.DORMANT:
+                why = f"state {seed.state.value}, not DORMANT"
+            elif packet.epoch < seed.embargo_until:
+                why = f"embargoed until epoch {seed.embargo_until}"
+            elif not h.health_score < self.cfg.health_threshold:
+                why = f"health {h.health_score:.3f} >= {self.cfg.health_threshold}"
+            elif not h.confidence > self.cfg.confidence_threshold:
+                why = f"confidence {h.confidence:.2f} <= {self.cfg.confidence_threshold}"
+            elif self.blueprint_for(seed) is None:
+                why = f"no blueprint for a location of shape {list(seed.shape)}"
+            else:
+                why = "candidate"
+            out[h.seed_id] = why
+        return out
+
     def decide(self, packet: SystemStatePacket) -> list[AdaptationSignal]:
         t0 = time.perf_counter()
         seeds = {s.seed_id: s for s in packet.seeds}

@@ -1,11 +1,14 @@
 """Urza, the asset library: blueprints and compiled kernels, content-addressed and verified on every load.
 
-Storage sits behind two small interfaces so other backends can replace the embedded ones without touching callers:
-- `ObjectStore` holds bytes under their sha256 (local directory here; an S3-compatible store at scale),
-- `MetadataStore` holds Blueprint and CompiledKernelArtifact records (JSON files here; SQL at scale).
+Storage sits behind two small interfaces so backends can be swapped without touching callers:
+- `ObjectStore` holds bytes under their sha256: `LocalObjectStore` (a directory, the default) or
+  `cambium.morph.s3_store.S3ObjectStore` (an S3-compatible store, `S3_ENDPOINT_URL`);
+- `MetadataStore` holds Blueprint and CompiledKernelArtifact records and the FieldReport replay buffer:
+  `cambium.morph.sql_store.SqlMetadataStore` over a SQLite file (the default) or PostgreSQL (`DATABASE_URL`).
 
-Layout of `LocalObjectStore(root)`: `root/objects/<sha[:2]>/<sha>`, written to a temporary name and renamed.
-`JsonMetadataStore(root)`: `root/blueprints/<blueprint_id>.json`, `root/kernels/<artifact_id>.json`.
+Every object store verifies on `get` that the bytes hash to their address. `Urza.local(root)` is the embedded default:
+`root/objects/<sha[:2]>/<sha>` (written to a temporary name and renamed) and `root/urza.sqlite`;
+`cambium.morph.backends.open_urza` picks the backends from the environment.
 """
 
 from __future__ import annotations
@@ -18,10 +21,18 @@ from typing import Protocol
 from cambium.core.errors import DataError
 from cambium.core.files import atomic_write
 from cambium.morph.blueprints import make_blueprint
-from cambium.morph.contracts import Blueprint, BlueprintIR, BlueprintStatus, CompiledKernelArtifact, parse
+from cambium.morph.contracts import (
+    Blueprint,
+    BlueprintIR,
+    BlueprintStatus,
+    CompiledKernelArtifact,
+    FieldReport,
+    KernelStatus,
+)
 from cambium.morph.ir import infer_shapes, param_count
+from cambium.morph.sql_store import SqlMetadataStore
 
-__all__ = ["ArtifactError", "JsonMetadataStore", "LocalObjectStore", "MetadataStore", "ObjectStore", "Urza"]
+__all__ = ["ArtifactError", "LocalObjectStore", "MetadataStore", "ObjectStore", "Urza", "check_sha"]
 
 
 class ArtifactError(DataError):
@@ -40,7 +51,16 @@ class MetadataStore(Protocol):
     def list_blueprints(self) -> list[Blueprint]: ...
     def put_artifact(self, art: CompiledKernelArtifact) -> None: ...
     def get_artifact(self, artifact_id: str) -> CompiledKernelArtifact | None: ...
-    def list_artifacts(self) -> list[CompiledKernelArtifact]: ...
+    def list_artifacts(self, blueprint_id: str | None = None) -> list[CompiledKernelArtifact]: ...
+    def add_field_report(self, report: FieldReport) -> int: ...
+    def field_reports(self, limit: int | None = None) -> list[FieldReport]: ...
+
+
+def check_sha(sha: str) -> str:
+    """`sha` if it is a lowercase sha256 hex digest (an object address), else ArtifactError."""
+    if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        raise ArtifactError(f"{sha[:80]!r} is not a sha256 hex digest")
+    return sha
 
 
 class LocalObjectStore:
@@ -50,8 +70,7 @@ class LocalObjectStore:
         self.root = Path(root)
 
     def _path(self, sha: str) -> Path:
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
-            raise ArtifactError(f"{sha!r} is not a sha256 hex digest")
+        check_sha(sha)
         return self.root / "objects" / sha[:2] / sha
 
     def put(self, data: bytes) -> str:
@@ -78,33 +97,6 @@ class LocalObjectStore:
         return self._path(sha).is_file()
 
 
-class JsonMetadataStore:
-    """Blueprint and kernel records as JSON files."""
-
-    def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-
-    def put_blueprint(self, bp: Blueprint) -> None:
-        atomic_write(self.root / "blueprints" / f"{bp.blueprint_id}.json", bp.model_dump_json(indent=1).encode())
-
-    def get_blueprint(self, blueprint_id: str) -> Blueprint | None:
-        path = self.root / "blueprints" / f"{blueprint_id}.json"
-        return parse(Blueprint, path.read_bytes()) if path.is_file() else None
-
-    def list_blueprints(self) -> list[Blueprint]:
-        return [parse(Blueprint, p.read_bytes()) for p in sorted((self.root / "blueprints").glob("*.json"))]
-
-    def put_artifact(self, art: CompiledKernelArtifact) -> None:
-        atomic_write(self.root / "kernels" / f"{art.artifact_id}.json", art.model_dump_json(indent=1).encode())
-
-    def get_artifact(self, artifact_id: str) -> CompiledKernelArtifact | None:
-        path = self.root / "kernels" / f"{artifact_id}.json"
-        return parse(CompiledKernelArtifact, path.read_bytes()) if path.is_file() else None
-
-    def list_artifacts(self) -> list[CompiledKernelArtifact]:
-        return [parse(CompiledKernelArtifact, p.read_bytes()) for p in sorted((self.root / "kernels").glob("*.json"))]
-
-
 class Urza:
     """The library facade used by Kasmina, Tezzeret and Karn. Thread-safe."""
 
@@ -115,7 +107,7 @@ class Urza:
 
     @classmethod
     def local(cls, root: str | Path) -> Urza:
-        return cls(LocalObjectStore(root), JsonMetadataStore(root))
+        return cls(LocalObjectStore(root), SqlMetadataStore.sqlite(Path(root) / "urza.sqlite"))
 
     def add_blueprint(
         self, name: str, family: str, ir: BlueprintIR, *, parent_id: str | None = None,
@@ -159,6 +151,22 @@ class Urza:
         with self._lock:
             self.meta.put_artifact(record)
         return record
+
+    def set_kernel_status(self, artifact_id: str, status: KernelStatus) -> CompiledKernelArtifact:
+        with self._lock:
+            record = self.meta.get_artifact(artifact_id)
+            if record is None:
+                raise ArtifactError(f"kernel {artifact_id[:12]}... has no record in the library")
+            record = record.model_copy(update={"status": status})
+            self.meta.put_artifact(record)
+            return record
+
+    def record_experience(self, report: FieldReport) -> int:
+        """Append an adaptation's outcome to the replay buffer Simic trains from; returns the buffer's size."""
+        return self.meta.add_field_report(report)
+
+    def experience(self, limit: int | None = None) -> list[FieldReport]:
+        return self.meta.field_reports(limit)
 
     def kernel(self, artifact_id: str) -> tuple[CompiledKernelArtifact, bytes]:
         """The record and the verified payload bytes of a kernel."""

@@ -1,13 +1,16 @@
 """Tolaria, the trainer: the epoch loop that hosts morphogenesis around any model, loss and data.
 
 `assemble(host, cfg)` wires the services — the wrapped model (seed slots), Kasmina, Tamiyo's heuristic policy,
-Tezzeret's background compiler, the Urza library and the in-process Oona bus — and `Tolaria` runs epochs:
+Tezzeret's background compiler (or compile workers in other processes), the Urza library and the Oona bus (embedded
+unless `bus` / `urza` are given: cambium.morph.backends opens Redis, PostgreSQL, S3) — and `Tolaria` runs epochs:
 
     step:     loss → Kasmina.observe_loss (anomaly: the epoch ends here) → backward → host optimizer step (unless
               the host is frozen) → Kasmina.after_backward (seed updates, alpha ramp)
-    boundary: wait for compiles in flight (if `await_compiles`) → Kasmina.close_epoch (transitions, gates, rollback,
-              telemetry on telemetry.seed.health) → system.events.epoch → Tamiyo decides → commands on
-              control.kasmina.commands → Kasmina executes them → fossilized parameters join the host optimizer.
+    boundary: wait for compiles in flight (if `await_compiles`; with workers, for their outcomes on the bus up to
+              `library.worker_wait_s`) → Kasmina.close_epoch (transitions, gates, rollback,
+              telemetry on telemetry.seed.health) → Tamiyo decides → commands on control.kasmina.commands (with any
+              sent by the API) → Kasmina executes them → system.events.epoch (the seeds as they now are) →
+              fossilized parameters join the host optimizer.
 
 This module knows nothing of run directories or metrics files: `cambium.morph.train` adds those for the CLI.
 """
@@ -22,7 +25,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cambium.morph.bus import InProcessBus
+from cambium.core.errors import ConfigError
+from cambium.morph.bus import Bus, InProcessBus
 from cambium.morph.cache import KernelCache
 from cambium.morph.compiler import Tezzeret
 from cambium.morph.config import MorphConfig
@@ -55,7 +59,9 @@ class Morphogenesis:
     policy: Policy
     tezzeret: Tezzeret
     urza: Urza
-    bus: InProcessBus
+    bus: Bus
+    worker_wait_s: float | None = None
+    """Set when compile workers in other processes compile (library.compile_in = 'workers')."""
 
     def close(self) -> None:
         self.tezzeret.close()
@@ -63,21 +69,32 @@ class Morphogenesis:
 
 def assemble(
     host: nn.Module, cfg: MorphConfig, *, urza_root: str | Path | None = None,
-    on_compile_start: Callable[[CompilationRequest], None] | None = None,
+    on_compile_start: Callable[[CompilationRequest], None] | None = None, bus: Bus | None = None,
+    urza: Urza | None = None, policy: Policy | None = None,
 ) -> Morphogenesis:
+    """Wire the services; `bus`, `urza` and `policy` default to the embedded ones (cambium.morph.backends opens
+    others; `policy` may be a `cambium.morph.services.TamiyoClient`)."""
+    bus = bus if bus is not None else InProcessBus()
+    remote = cfg.library.compile_in == "workers"
+    if remote and isinstance(bus, InProcessBus):
+        raise ConfigError("library.compile_in='workers' needs the bus on Redis (set REDIS_URL): compile workers in "
+                          "other processes cannot reach the in-process bus")
     model = wrap(host, cfg.seeds)
-    bus = InProcessBus()
-    urza = Urza.local(urza_root if urza_root is not None else cfg.library.root)
+    if urza is None:
+        urza = Urza.local(urza_root if urza_root is not None else cfg.library.root)
+    # With remote workers the local Tezzeret is not subscribed: requests stay on the bus for the workers.
     tezzeret = Tezzeret(
-        urza, bus, benchmark_batch=cfg.library.benchmark_batch, benchmark_repeats=cfg.library.benchmark_repeats,
-        on_start=on_compile_start,
+        urza, None if remote else bus, benchmark_batch=cfg.library.benchmark_batch,
+        benchmark_repeats=cfg.library.benchmark_repeats, on_start=on_compile_start,
     )
     kasmina = Kasmina(
         model, cfg.lifecycle, urza, bus, cache=KernelCache(cfg.library.cache_bytes),
         settings=CompileSettings(backend=cfg.library.backend, init_seed=cfg.train.seed),
     )
-    policy = HeuristicPolicy(cfg.policy, cfg.lifecycle.max_adaptations_per_epoch)
-    return Morphogenesis(model, kasmina, policy, tezzeret, urza, bus)
+    if policy is None:
+        policy = HeuristicPolicy(cfg.policy, cfg.lifecycle.max_adaptations_per_epoch)
+    return Morphogenesis(model, kasmina, policy, tezzeret, urza, bus,
+                         worker_wait_s=cfg.library.worker_wait_s if remote else None)
 
 
 @dataclass
@@ -133,13 +150,11 @@ class Tolaria:
         k, bus = self.m.kasmina, self.m.bus
         if self.await_compiles:
             self.m.tezzeret.wait_idle()
+            if self.m.worker_wait_s is not None:
+                self.m.kasmina.await_kernels(self.m.worker_wait_s)
         with k.boundary(epoch + 1):
             result.health = k.close_epoch(val_fn)
             packet = k.packet(self.step, result.mean_loss, result.health)
-            bus.publish(
-                "system.events.epoch",
-                EpochEvent(epoch=epoch, step=self.step, train_loss=result.mean_loss, seeds=packet.seeds),
-            )
             result.decisions = self.m.policy.decide(packet)
             shapes = {s.seed_id: s.shape for s in packet.seeds}
             issued = 0
@@ -162,6 +177,11 @@ class Tolaria:
                     ),
                 )
             k.execute_commands()
+            # After the commands: the seeds as the next epoch will train them (what the API's seed status shows).
+            bus.publish(
+                "system.events.epoch",
+                EpochEvent(epoch=epoch, step=self.step, train_loss=result.mean_loss, seeds=k.seeds_view()),
+            )
         for group in k.take_new_host_params():
             self.optimizer.add_param_group({"params": group})
         return result

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
@@ -38,16 +39,18 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cambium.core.errors import CheckpointError
-from cambium.morph.bus import InProcessBus
+from cambium.morph.bus import Bus
 from cambium.morph.cache import KernelCache
 from cambium.morph.compiler import load_kernel
 from cambium.morph.config import LifecycleConfig
 from cambium.morph.contracts import (
     CommandKind,
     CompilationRequest,
+    CompiledKernelArtifact,
     CompileSettings,
     FieldReport,
     HealthSignal,
+    KasminaCommand,
     KernelReady,
     KernelStatus,
     Seed,
@@ -72,7 +75,7 @@ Outcome = Literal[SeedState.FOSSILIZED, SeedState.CULLED, SeedState.ROLLED_BACK]
 
 class Kasmina:
     def __init__(
-        self, model: MorphedModel, cfg: LifecycleConfig, urza: Urza, bus: InProcessBus, *,
+        self, model: MorphedModel, cfg: LifecycleConfig, urza: Urza, bus: Bus, *,
         cache: KernelCache | None = None, settings: CompileSettings | None = None,
     ) -> None:
         self.model = model
@@ -88,7 +91,7 @@ class Kasmina:
         self.reports: list[FieldReport] = []
         self.adaptations_this_epoch = 0
         self.skipped: dict[str, int] = {"embargo": 0, "budget": 0, "not_dormant": 0, "blueprint": 0, "unsupported": 0,
-                                      "optimizer_restore": 0}
+                                      "optimizer_restore": 0, "not_active": 0, "unknown_seed": 0}
         self._seen_commands: set[str] = set()
         self.host_rollbacks = 0
         self._next_request = 0
@@ -362,8 +365,10 @@ class Kasmina:
             for p in slot.kernel.parameters():
                 p.requires_grad_(trainable)
 
-    def germinate(self, seed_id: str, blueprint_id: str, *, health: float = 0.0) -> bool:
-        """Start an adaptation at `seed_id` (inside a boundary). False, and counted, if a safety rule forbids it."""
+    def germinate(self, seed_id: str, blueprint_id: str, *, health: float = 0.0,
+                  artifact: CompiledKernelArtifact | None = None) -> bool:
+        """Start an adaptation at `seed_id` (inside a boundary). False, and counted, if a safety rule forbids it.
+        With `artifact` (a compiled kernel of the blueprint) nothing is compiled: it loads at the next boundary."""
         r = self.seeds.get(seed_id)
         if r is None:
             raise LifecycleError(f"no seed {seed_id!r}; seeds: {', '.join(self.seeds)}")
@@ -388,6 +393,10 @@ class Kasmina:
         r.metric_without = r.metric_eval = None
         r.request_id = f"{seed_id}/{self._next_request}"
         self._next_request += 1
+        if artifact is not None:
+            self._ready[r.request_id] = KernelReady(request_id=r.request_id, blueprint_id=bp.blueprint_id,
+                                                    status=KernelStatus.READY, artifact=artifact)
+            return True
         self.bus.publish(
             "compilation.blueprint.submitted",
             CompilationRequest(request_id=r.request_id, blueprint_id=bp.blueprint_id, settings=self.settings),
@@ -395,22 +404,68 @@ class Kasmina:
         return True
 
     def execute_commands(self) -> int:
-        """Run the commands waiting on control.kasmina.commands (each command id once); returns how many ran."""
+        """Run the commands waiting on control.kasmina.commands (each command id once); returns how many ran.
+
+        GERMINATE starts an adaptation (compiling the blueprint); LOAD_KERNEL starts one with an already compiled
+        kernel (`artifact_id`, it goes GERMINATED → LOADING at the next boundary); CULL ends an adaptation as the
+        lifecycle allows (CULLED, or ROLLED_BACK once the seed is blended); ROLLBACK restores the last known-good
+        state and rolls the seed back. A command the seed's state forbids is counted in `skipped`, never raised.
+        """
         ran = 0
         for message_id, cmd in self.bus.read("control.kasmina.commands", _GROUP, count=1000):
             if cmd.command_id not in self._seen_commands:
                 self._seen_commands.add(cmd.command_id)
-                if cmd.kind == CommandKind.GERMINATE and cmd.blueprint_id is not None:
-                    ran += self.germinate(cmd.seed_id, cmd.blueprint_id, health=cmd.health)
-                else:
-                    self.skipped["unsupported"] += 1
+                ran += self._execute(cmd)
             self.bus.ack("control.kasmina.commands", _GROUP, message_id)
         return ran
 
-    def _collect_ready(self) -> None:
-        for message_id, ready in self.bus.read("compilation.kernel.ready", _GROUP, count=1000):
+    def _execute(self, cmd: KasminaCommand) -> bool:
+        r = self.seeds.get(cmd.seed_id)
+        if r is None:
+            self.skipped["unknown_seed"] += 1
+            return False
+        if cmd.kind == CommandKind.GERMINATE and cmd.blueprint_id is not None:
+            return self.germinate(cmd.seed_id, cmd.blueprint_id, health=cmd.health)
+        if cmd.kind == CommandKind.LOAD_KERNEL and cmd.artifact_id is not None:
+            record = self.urza.meta.get_artifact(cmd.artifact_id)
+            if record is None or record.status != KernelStatus.READY:
+                self.skipped["blueprint"] += 1
+                return False
+            return self.germinate(cmd.seed_id, record.blueprint_id, health=cmd.health, artifact=record)
+        if cmd.kind in (CommandKind.CULL, CommandKind.ROLLBACK):
+            state = r.life.state
+            if state in (S.DORMANT, S.FOSSILIZED, S.CULLED, S.ROLLED_BACK):
+                self.skipped["not_active"] += 1
+                return False
+            if cmd.kind == CommandKind.CULL:
+                self._fail(r, f"culled by command {cmd.command_id}")
+            else:
+                self._restore(self._snapshot)
+                self._finish(r, S.ROLLED_BACK, f"rolled back by command {cmd.command_id}")
+            return True
+        self.skipped["unsupported"] += 1
+        return False
+
+    def _collect_ready(self, block_s: float = 0.0) -> None:
+        for message_id, ready in self.bus.read("compilation.kernel.ready", _GROUP, count=1000, block_s=block_s):
             self._ready[ready.request_id] = ready
             self.bus.ack("compilation.kernel.ready", _GROUP, message_id)
+
+    def awaiting_kernels(self) -> set[str]:
+        """Request ids of GERMINATED seeds whose compilation outcome has not arrived yet."""
+        return {r.request_id for r in self.seeds.values()
+                if r.life.state == S.GERMINATED and r.request_id is not None and r.request_id not in self._ready}
+
+    def await_kernels(self, timeout_s: float) -> bool:
+        """Wait until every requested compilation has an outcome on the bus (compile workers in other processes);
+        False if `timeout_s` passed first (the seeds then wait, and are culled after `compile_timeout_epochs`)."""
+        deadline = time.monotonic() + timeout_s
+        while self.awaiting_kernels():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self._collect_ready(block_s=min(left, 1.0))
+        return True
 
     def seeds_view(self) -> tuple[Seed, ...]:
         return tuple(

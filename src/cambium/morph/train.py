@@ -31,10 +31,15 @@ from cambium.core.loop import Task, count_training_flops, open_session
 from cambium.core.progress import ProgressReporter, get_logger
 from cambium.core.schedule import CosineSchedule, LRScheduler
 from cambium.data.images import load_cifar10, normalize
+from cambium.morph.backends import Endpoints, open_bus, open_urza
+from cambium.morph.bus import Bus
 from cambium.morph.config import MorphConfig, TrainConfig
+from cambium.morph.controller import Policy
 from cambium.morph.hosts import HostCNN
+from cambium.morph.library import Urza
 from cambium.morph.lifecycle import ACTIVE
 from cambium.morph.loop import Morphogenesis, Tolaria, assemble
+from cambium.morph.services import TamiyoClient
 
 __all__ = ["CifarSplits", "MorphTask", "load_splits", "train"]
 
@@ -93,12 +98,14 @@ class MorphTask(Task):
     event_unit = "images"
     progress_key = "train_loss"
 
-    def __init__(self, cfg: MorphConfig, splits: CifarSplits, name: str) -> None:
+    def __init__(self, cfg: MorphConfig, splits: CifarSplits, name: str, *, bus: Bus | None = None,
+                 urza: Urza | None = None, policy: Policy | None = None) -> None:
         self.cfg, self.s = cfg, splits
         self.label = f"morph {name}"
         torch.manual_seed(cfg.train.seed)
         self.host = HostCNN(cfg.model.widths, cfg.model.num_classes)
-        self.morph = assemble(self.host, cfg, urza_root=cfg.library.root) if cfg.train.morphogenetic else None
+        self.morph = (assemble(self.host, cfg, urza_root=cfg.library.root, bus=bus, urza=urza, policy=policy)
+                      if cfg.train.morphogenetic else None)
         self.model: nn.Module = self.morph.model if self.morph is not None else self.host
         params = self.morph.kasmina.host_parameters() if self.morph is not None else list(self.host.parameters())
         self.opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -215,21 +222,33 @@ class MorphTask(Task):
 
 def train(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs", resume: str | None = None,
           stop_after: int | None = None, reporter: ProgressReporter | None = None,
-          show_progress: bool = True, measure_peak: bool = False) -> dict[str, Any]:
+          show_progress: bool = True, measure_peak: bool = False, endpoints: Endpoints | None = None,
+          bus_namespace: str | None = None) -> dict[str, Any]:
     """Run (or resume) a CIFAR-10 morph training; returns the report (also written to report.json).
 
     `stop_after` ends this invocation after that many more epochs (checkpointed; the run stays resumable). The
-    report then covers the model as it is, and the run is not marked finished.
+    report then covers the model as it is, and the run is not marked finished. `endpoints` puts Oona and Urza on
+    Redis / PostgreSQL / S3 (the bus's streams are namespaced by the run id, so a resume continues them); the
+    numbers are the same as on the embedded backends, and `endpoints.tamiyo_url` takes the decisions from a Tamiyo
+    service (the same policy gives the same run). `bus_namespace` names the streams instead (compile workers
+    started beforehand with `cambium morph worker --namespace` serve a run with `library.compile_in = "workers"`).
     """
     splits = load_splits(cfg)
+    ends = endpoints if endpoints is not None else Endpoints()
     with open_session(cfg, cfg.train, runs_root, system="morph", name=name, resume=resume, data_files=splits.files,
                       reporter=reporter, show_progress=show_progress, measure_peak=measure_peak) as session:
-        task = MorphTask(cfg, splits, name)
+        bus = open_bus(ends, namespace=bus_namespace or f"oona:{session.run.id}")
+        urza = open_urza(ends, cfg.library.root)
+        tamiyo = TamiyoClient(ends.tamiyo_url, ends.api_token) if ends.tamiyo_url is not None else None
+        task = MorphTask(cfg, splits, name, bus=bus, urza=urza, policy=tamiyo)
         try:
             result = session.fit(task, stop_after=stop_after)
             report = task.report(session.run.id, result.steps)
         finally:
             task.close()
+            bus.close()
+            if tamiyo is not None:
+                tamiyo.close()
         atomic_write(session.run.dir / "report.json", json.dumps(report, indent=2) + "\n")
         if result.steps == result.total:
             session.finish({k: v for k, v in report.items() if isinstance(v, int | float)})

@@ -1,0 +1,210 @@
+"""Urza's metadata in SQL (SQLAlchemy Core): a SQLite file by default, PostgreSQL (psycopg) at scale via `DATABASE_URL`.
+
+Each record is kept whole as its contract's JSON (`record`, the authority: read back through `parse`, so a damaged row
+is one clear error) beside the columns that queries filter on. Tables:
+
+    urza_meta      key → value                 (schema_version)
+    blueprints     blueprint_id PK, name, family, status, parent_id, param_count, record
+    kernels        artifact_id PK, blueprint_id, status, device, created_at, record
+    field_reports  id PK (insertion order), seed_id, outcome, record       (Simic's replay buffer of FieldReports)
+
+The schema is created on first use (`create_all`, idempotent) and stamped with `SCHEMA_VERSION`; a database stamped
+with another version is refused rather than migrated silently. Writes of blueprint and kernel records are upserts, so
+two workers storing the same content-addressed record agree.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import ArgumentError, IntegrityError, NoSuchModuleError, OperationalError, ProgrammingError
+
+from cambium.morph.contracts import Blueprint, CompiledKernelArtifact, FieldReport, parse
+from cambium.morph.errors import BackendError, redact
+
+__all__ = ["SCHEMA_VERSION", "SqlMetadataStore", "engine_url"]
+
+SCHEMA_VERSION = "1"
+
+_md = sa.MetaData()
+_meta_t = sa.Table("urza_meta", _md, sa.Column("key", sa.String(64), primary_key=True),
+                   sa.Column("value", sa.Text, nullable=False))
+_blueprints = sa.Table(
+    "blueprints", _md,
+    sa.Column("blueprint_id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("family", sa.Text, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("parent_id", sa.String(64), nullable=True),
+    sa.Column("param_count", sa.BigInteger, nullable=False),
+    sa.Column("record", sa.Text, nullable=False),
+)
+_kernels = sa.Table(
+    "kernels", _md,
+    sa.Column("artifact_id", sa.String(64), primary_key=True),
+    sa.Column("blueprint_id", sa.String(64), nullable=False, index=True),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("device", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("record", sa.Text, nullable=False),
+)
+_reports = sa.Table(
+    "field_reports", _md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("seed_id", sa.Text, nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("record", sa.Text, nullable=False),
+)
+
+
+def engine_url(url: str) -> str:
+    """`postgresql://` and `postgres://` URLs (as libpq writes them) use the psycopg 3 driver."""
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme):
+            return "postgresql+psycopg://" + url[len(scheme):]
+    return url
+
+
+class SqlMetadataStore:
+    """Blueprint, kernel and field-report records in a SQL database. Thread-safe (a pooled engine)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        try:
+            if url.startswith("sqlite:"):
+                # WAL lets a compile worker in another process write while the trainer reads.
+                self.engine: Engine = sa.create_engine(url, connect_args={"timeout": 30})
+                sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            elif url.startswith(("postgresql", "postgres://")):
+                self.engine = sa.create_engine(engine_url(url), pool_pre_ping=True,
+                                               connect_args={"connect_timeout": 10})
+            else:
+                raise BackendError(f"DATABASE_URL={redact(url)!r}: only sqlite:/// and postgresql:// URLs are "
+                                   "supported")
+        except (ArgumentError, NoSuchModuleError, ValueError) as exc:
+            raise BackendError(f"DATABASE_URL={redact(url)!r} is not a database URL: {exc}") from None
+        self._lock = threading.Lock()
+        self._ready = False
+
+    @classmethod
+    def sqlite(cls, path: str | Path) -> SqlMetadataStore:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return cls(f"sqlite:///{Path(path)}")
+
+    @contextmanager
+    def _tx(self, doing: str) -> Iterator[Connection]:
+        self._ensure_schema()
+        with self._db(doing), self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _db(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            first = str(exc.orig).strip().splitlines()[0] if exc.orig is not None else str(exc)
+            raise BackendError(f"database {redact(self.url)} failed while {doing}: {first}") from None
+
+    def _ensure_schema(self) -> None:
+        with self._lock:
+            if self._ready:
+                return
+            with self._db("creating the Urza schema"):
+                try:
+                    _md.create_all(self.engine)
+                except (IntegrityError, ProgrammingError):
+                    _md.create_all(self.engine)  # another process created the tables at the same moment
+                with self.engine.begin() as conn:
+                    stamped = conn.execute(sa.select(_meta_t.c.value).where(_meta_t.c.key == "schema_version")
+                                           ).scalar_one_or_none()
+                    if stamped is None:
+                        conn.execute(self._upsert(_meta_t, {"key": "schema_version", "value": SCHEMA_VERSION},
+                                                  ["key"]))
+                    elif stamped != SCHEMA_VERSION:
+                        raise BackendError(
+                            f"database {redact(self.url)} holds Urza schema version {stamped}, this cambium writes "
+                            f"{SCHEMA_VERSION}: point DATABASE_URL at a new database"
+                        )
+            self._ready = True
+
+    def _upsert(self, table: sa.Table, row: dict[str, Any], keys: list[str]) -> Any:
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        stmt = insert(table).values(**row)
+        return stmt.on_conflict_do_update(index_elements=keys, set_={k: v for k, v in row.items() if k not in keys})
+
+    def ping(self) -> str:
+        """The server's version string (raises BackendError if it does not answer)."""
+        with self._db("connecting"), self.engine.connect() as conn:
+            if self.engine.dialect.name == "postgresql":
+                return str(conn.execute(sa.text("select version()")).scalar_one()).split(",")[0]
+            return "SQLite " + str(conn.execute(sa.text("select sqlite_version()")).scalar_one())
+
+    def put_blueprint(self, bp: Blueprint) -> None:
+        row = {"blueprint_id": bp.blueprint_id, "name": bp.name, "family": bp.family, "status": bp.status.value,
+               "parent_id": bp.parent_id, "param_count": bp.param_count, "record": bp.model_dump_json()}
+        with self._tx("storing a blueprint") as conn:
+            conn.execute(self._upsert(_blueprints, row, ["blueprint_id"]))
+
+    def get_blueprint(self, blueprint_id: str) -> Blueprint | None:
+        with self._tx("reading a blueprint") as conn:
+            raw = conn.execute(sa.select(_blueprints.c.record).where(_blueprints.c.blueprint_id == blueprint_id)
+                               ).scalar_one_or_none()
+        return None if raw is None else parse(Blueprint, raw)
+
+    def list_blueprints(self) -> list[Blueprint]:
+        with self._tx("listing blueprints") as conn:
+            rows = conn.execute(sa.select(_blueprints.c.record).order_by(_blueprints.c.blueprint_id)).scalars().all()
+        return [parse(Blueprint, raw) for raw in rows]
+
+    def put_artifact(self, art: CompiledKernelArtifact) -> None:
+        row = {"artifact_id": art.artifact_id, "blueprint_id": art.blueprint_id, "status": art.status.value,
+               "device": art.device, "created_at": art.created_at, "record": art.model_dump_json()}
+        with self._tx("storing a kernel record") as conn:
+            conn.execute(self._upsert(_kernels, row, ["artifact_id"]))
+
+    def get_artifact(self, artifact_id: str) -> CompiledKernelArtifact | None:
+        with self._tx("reading a kernel record") as conn:
+            raw = conn.execute(sa.select(_kernels.c.record).where(_kernels.c.artifact_id == artifact_id)
+                               ).scalar_one_or_none()
+        return None if raw is None else parse(CompiledKernelArtifact, raw)
+
+    def list_artifacts(self, blueprint_id: str | None = None) -> list[CompiledKernelArtifact]:
+        query = sa.select(_kernels.c.record).order_by(_kernels.c.created_at, _kernels.c.artifact_id)
+        if blueprint_id is not None:
+            query = query.where(_kernels.c.blueprint_id == blueprint_id)
+        with self._tx("listing kernel records") as conn:
+            rows = conn.execute(query).scalars().all()
+        return [parse(CompiledKernelArtifact, raw) for raw in rows]
+
+    def add_field_report(self, report: FieldReport) -> int:
+        """Append to the replay buffer; returns the buffer's size."""
+        with self._tx("storing a field report") as conn:
+            conn.execute(sa.insert(_reports).values(seed_id=report.seed_id, outcome=report.outcome.value,
+                                                    record=report.model_dump_json()))
+            return int(conn.execute(sa.select(sa.func.count()).select_from(_reports)).scalar_one())
+
+    def field_reports(self, limit: int | None = None) -> list[FieldReport]:
+        """The replay buffer, oldest first (the last `limit` reports if given)."""
+        query = sa.select(_reports.c.record).order_by(_reports.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        with self._tx("reading field reports") as conn:
+            rows = conn.execute(query).scalars().all()
+        return [parse(FieldReport, raw) for raw in reversed(rows)]
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
