@@ -3,7 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
-BENCHES := $(basename $(notdir $(filter-out bench/__init__.py bench/common.py,$(wildcard bench/*.py))))
+# quality studies (tens of minutes each) are run by hand, not by `make bench`
+STUDIES := bench/nested_quality.py bench/nested_recall.py
+BENCHES := $(basename $(notdir $(filter-out bench/__init__.py bench/common.py $(STUDIES),$(wildcard bench/*.py))))
 
 .PHONY: setup test lint typecheck pytest demo bench clean
 

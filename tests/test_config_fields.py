@@ -10,7 +10,8 @@ first processed events, with `tests/config_reads.record_reads` logging which fie
   with the model on the meta device (`torch.device("meta")`) over the tiny config's mixture, and takes no step.
 - screener: `replay` of the committed captures into a Parquet store (`screener replay --store`), then the live path
   (`run_with_status`: status page, notifiers, connector, depth snapshots from a mock REST endpoint) on the first
-  frames served by the local replay server.
+  frames served by the local replay server; a `train*` config (and a variant with `train.*` overrides) runs
+  `screener train` instead, shortened (fewer folds, trees and bootstrap resamples).
 - market: `market import` of a committed candle file into the store, `market download` for both markets from a local
   fake Binance whose first answer is a 502 (so the retry settings are read), and `market record` (both venues built,
   the futures one connected to the local replay server).
@@ -80,6 +81,11 @@ class Run:
 
 # What a variant switches on, run on the system's tiny (or default) config; variants only lend their reads to defaults.
 VARIANTS: dict[str, list[Case]] = {
+    "worldmodel": [
+        # The nested-memory backbone (its memory_rule) is built like a large config, on the meta device.
+        Case("worldmodel", "tiny", ("jepa.encoder.backbone=nested", "jepa.encoder.memory_rule=titans_lmm"),
+             large=True),
+    ],
     "moe": [
         Case("moe", "tiny", ("model.attention.kind=gqa", "model.attention.n_kv_heads=2", "model.attention.head_dim=16"),
              large=True),
@@ -93,13 +99,17 @@ VARIANTS: dict[str, list[Case]] = {
                                 "model.memory.retention=elastic_net", "model.memory.l1=0.01",
                                 "model.memory.read=softmax", "model.memory.omega_window=2")),
         Case("nested", "tiny", ("model.memory.rule=trellis", "model.memory.execution=recurrent")),
+        Case("nested", "tiny", ("cms.periods=[1, 2]", "cms.combine=mix", "model.persistent_tokens=2")),
         Case("nested", "tiny", ("context.mixture.tokenizer.kind=tiktoken",), prep_only=True),
     ],
     "screener": [
         Case("screener", "default", (
             "scorer.profile=A", "status.trap_min_toxic=0", "status.tradeable_max_toxic=0",
             "notify.terminal.enabled=true", "notify.webhook.enabled=true", "notify.webhook.url=http://127.0.0.1:9/x",
-            "notify.telegram.enabled=true", "notify.telegram.chat_id=1", "notify.telegram.api_url=http://127.0.0.1:9")),
+            "notify.telegram.enabled=true", "notify.telegram.chat_id=1", "notify.telegram.api_url=http://127.0.0.1:9",
+            "explain.llm_enabled=true", "explain.llm_url=http://127.0.0.1:9/v1/chat/completions")),
+        # `screener train` on the committed 1 m klines (the shipped train-ticks.toml trains on the captures)
+        Case("screener", "default", ("train.max_rows_per_file=6000", "train.calibration=platt")),
     ],
     "market": [],
 }
@@ -108,17 +118,24 @@ STEP_ONLY = {
     "moe": ("train.", "schedule.", "data."),
     "nested": ("build.", "context.", "model.memory."),
     "worldmodel": ("size", "data.", "tokenizer.revin_eps", "tokenizer.huber_delta", "jepa.masking.", "jepa.vicreg.",
-                   "jepa.ema.", "train_tokenizer.", "train_jepa.", "evaluation.", "pipeline."),
+                   "jepa.ema.", "train_tokenizer.", "train_jepa.", "evaluation.", "pipeline.", "flow.", "train_flow.",
+                   "forecast."),
     "morph": ("lifecycle.", "compare.", "data.", "train."),
 }
-LARGE = {"moe": {"dense-cpu", "moonlet-cpu", "moonlet", "moonlight"}, "nested": {"mag-cpu", "swa-cpu"},
-         "worldmodel": {"s", "m", "l", "xl"}, "morph": {"cifar10-cpu"}}
+LARGE = {"moe": {"dense-cpu", "moonlet-cpu", "moonlet", "moonlight"},
+         "nested": {"mag-cpu", "swa-cpu", "mal-cpu", "mac-cpu", "full-cpu"},
+         "worldmodel": {"s", "m", "l", "xl", "cpu", "cpu-long"}, "morph": {"cifar10-cpu"}}
 SKIPPED: dict[str, str] = {}
 # Defaults read only on a path that a config run cannot reach deterministically, each with the test that reads it.
 ELSEWHERE = {
+    "moe": {"train.expert_parallel": "read only under torchrun with several ranks: tests/moe/test_parallel.py::"
+            "test_two_gloo_processes_give_the_one_process_losses"},
     "morph": {"lifecycle.compile_timeout_epochs": "read only when a compile is still in flight at a boundary "
               "(await_compiles = false): tests/morph/test_safety.py::"
-              "test_a_compile_still_in_flight_after_the_timeout_is_culled"},
+              "test_a_compile_still_in_flight_after_the_timeout_is_culled",
+              "library.worker_wait_s": "read only with compile workers in other processes (compile_in = workers, "
+              "needs Redis): tests/integration/test_distributed.py::"
+              "test_a_run_whose_compile_worker_is_killed_mid_job_loses_nothing"},
 }
 
 
@@ -227,6 +244,16 @@ def run_screener(case: Case, work: Path) -> Run:
     from cambium.screener.replay import replay
     from cambium.screener.storage import ScreenerStore
 
+    if case.name.startswith("train") or any(o.startswith("train.") for o in case.overrides):
+        from cambium.screener.train import train
+
+        # a shorter run: fewer folds, trees and resamples (every field is still read)
+        quick = ["train.cv_folds=2", "train.bootstrap=10", "train.lightgbm.n_estimators=10",
+                 f"train.out_dir={work / f'artifacts-{case.name}-{len(case.overrides)}'}"]
+        cfg = load(case.path, ScreenerConfig, [*case.overrides, *quick])
+        with record_reads() as reads:
+            train(cfg, work / "runs", name=case.name, show_progress=False)
+        return Run(cfg, reads, False)
     cfg = load(case.path, ScreenerConfig, case.overrides)
     records = list(itertools.islice(heapq.merge(*(iter_hftbacktest(p) for p in CAPTURES), key=lambda r: r.recv_ns),
                                     5_000))
@@ -318,9 +345,10 @@ def run_worldmodel(case: Case, work: Path) -> Run:
         with record_reads() as reads, torch.device("meta"):
             WorldModelJEPA(cfg.jepa, FSQTokenizer(cfg.tokenizer))
         return Run(cfg, reads, True)
-    # All five phases, each training phase two steps long (one of warm-up).
+    # All seven phases, each training phase two steps long (one of warm-up).
     cfg = load(case.path, WorldModelConfig, ["train_tokenizer.steps=2", "train_tokenizer.warmup_steps=1",
-                                             "train_jepa.steps=2", "train_jepa.warmup_steps=1", *case.overrides])
+                                             "train_jepa.steps=2", "train_jepa.warmup_steps=1", "train_flow.steps=2",
+                                             "train_flow.warmup_steps=1", *case.overrides])
     with record_reads() as reads:
         run_pipeline(cfg, work / "runs", show_progress=False)
     return Run(cfg, reads, False)

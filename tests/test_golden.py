@@ -67,8 +67,8 @@ def _worldmodel(tmp: Path) -> Rows:
 
     cfg = load(REPO / "configs/worldmodel/tiny.toml", CONFIG_MODEL, [
         f"data.klines_glob={REPO}/data/samples/market/klines_1h_futures/*.csv.gz", "pipeline.threads=1"])
-    result = run_pipeline(cfg, tmp / "runs", stop_phase=4, show_progress=False)
-    return _rows(result.run_dir / "metrics.duckdb", ("tokenizer/loss", "jepa/loss"))
+    result = run_pipeline(cfg, tmp / "runs", stop_phase=5, show_progress=False)
+    return _rows(result.run_dir / "metrics.duckdb", ("tokenizer/loss", "jepa/loss", "flow/loss"))
 
 
 def _morph(tmp: Path) -> Rows:

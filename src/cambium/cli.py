@@ -36,18 +36,21 @@ MOUNTS: dict[str, Mount] = {
                   "samples, and say where the results went."),
     "runs": Mount("cambium.core.cli", "runs_app", "List, inspect and compare runs (the directories under --runs-dir "
                   "and their registry experiments.sqlite)."),
+    "dashboard": Mount("cambium.dashboard.cli", "dashboard_command", "Serve a web dashboard over every run in "
+                       "--runs-dir: runs list, curves, comparisons, per-system panels."),
     "config": Mount("cambium.config_cli", "config_app", "Validate and inspect TOML configs."),
     "market": Mount("cambium.market.cli", "app", "Market data: candle store, Binance downloader, recorder and replay."),
     "moe": Mount("cambium.moe.cli", "app", "DeepSeek-shaped mixture-of-experts language models: data, training, "
                  "sampling."),
     "morph": Mount("cambium.morph.cli", "app", "Morphogenetic training: seeds grow into the host where it needs "
                    "capacity."),
-    "nested": Mount("cambium.nested.cli", "app", "Nested learning: models whose forward pass is optimisation (MAG over "
-                    "sliding-window attention, SWA baseline), built on a continuous context stream."),
+    "nested": Mount("cambium.nested.cli", "app", "Nested learning: models whose forward pass is optimisation (MAG, "
+                    "MAL, MAC over attention with CMS memory levels; SWA-only and full-attention baselines), built on a "
+                    "continuous context stream."),
     "screener": Mount("cambium.screener.cli", "app", "Live crypto in-play screener: replay recordings "
                       "deterministically, or watch Binance live."),
-    "worldmodel": Mount("cambium.worldmodel.cli", "app", "Market world model: FSQ tokenizer, Mamba-2 JEPA, pipeline "
-                        "and evaluation."),
+    "worldmodel": Mount("cambium.worldmodel.cli", "app", "Market world model: FSQ tokenizer, Mamba-2 JEPA, OT-CFM "
+                        "futures, pipeline and evaluation."),
 }
 
 
