@@ -45,8 +45,8 @@ MOUNTS: dict[str, Mount] = {
     "morph": Mount("cambium.morph.cli", "app", "Morphogenetic training: seeds grow into the host where it needs "
                    "capacity."),
     "nested": Mount("cambium.nested.cli", "app", "Nested learning: models whose forward pass is optimisation (MAG, "
-                    "MAL, MAC over attention with CMS memory levels; SWA-only and full-attention baselines), built on a "
-                    "continuous context stream."),
+                    "MAL, MAC over attention with CMS memory levels; SWA-only and full-attention baselines), built on "
+                    "a continuous context stream."),
     "screener": Mount("cambium.screener.cli", "app", "Live crypto in-play screener: replay recordings "
                       "deterministically, or watch Binance live."),
     "worldmodel": Mount("cambium.worldmodel.cli", "app", "Market world model: FSQ tokenizer, Mamba-2 JEPA, OT-CFM "

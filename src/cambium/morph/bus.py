@@ -93,17 +93,44 @@ class _Pending:
     deliveries: int
 
 
-class InProcessBus:
+class LocalHandlers:
+    """What every bus shares: handlers called synchronously in the publishing process (the training loop relies on
+    it) and the count of malformed raw frames. `publish` is the backend's own; `_lock` guards the handler lists."""
+
+    def __init__(self, lock: threading.Lock | threading.Condition) -> None:
+        self._lock = lock
+        self._handlers: dict[str, list[Handler]] = defaultdict(list)
+        self.rejected = 0
+
+    def publish(self, topic: str, message: Contract) -> BusMessage:
+        raise NotImplementedError
+
+    def publish_raw(self, topic: str, payload: str | bytes | dict[str, Any]) -> BusMessage | None:
+        """Publish a frame received as JSON; a malformed one is counted in `rejected` and dropped (None)."""
+        try:
+            message = parse(contract_of(topic), payload)
+        except ProtocolError:
+            with self._lock:
+                self.rejected += 1
+            return None
+        return self.publish(topic, message)
+
+    def subscribe(self, topic: str, handler: Handler) -> None:
+        contract_of(topic)
+        with self._lock:
+            self._handlers[topic].append(handler)
+
+
+class InProcessBus(LocalHandlers):
     """The embedded Oona: thread-safe, everything in memory."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
+        super().__init__(self._cond)
         self._log: dict[str, list[BusMessage]] = defaultdict(list)
         self._cursor: dict[tuple[str, str], int] = defaultdict(int)
         self._pending: dict[tuple[str, str], dict[str, _Pending]] = defaultdict(dict)
-        self._handlers: dict[str, list[Handler]] = defaultdict(list)
         self._ids = itertools.count()
-        self.rejected = 0
 
     def publish(self, topic: str, message: Contract) -> BusMessage:
         check_message(topic, message)
@@ -118,21 +145,6 @@ class InProcessBus:
         for handler in handlers:
             handler(message)
         return env
-
-    def publish_raw(self, topic: str, payload: str | bytes | dict[str, Any]) -> BusMessage | None:
-        """Publish a frame received as JSON; a malformed one is counted in `rejected` and dropped (None)."""
-        try:
-            message = parse(contract_of(topic), payload)
-        except ProtocolError:
-            with self._cond:
-                self.rejected += 1
-            return None
-        return self.publish(topic, message)
-
-    def subscribe(self, topic: str, handler: Handler) -> None:
-        contract_of(topic)
-        with self._cond:
-            self._handlers[topic].append(handler)
 
     def read(self, topic: str, group: str, count: int = 100, redeliver: bool = False, *, consumer: str = "main",
              block_s: float = 0.0) -> list[Delivery]:

@@ -17,7 +17,6 @@ server, never a redis-py traceback.
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -28,7 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cambium.core.errors import ProtocolError
-from cambium.morph.bus import Delivery, Handler, check_message, contract_of
+from cambium.morph.bus import Delivery, LocalHandlers, check_message, contract_of
 from cambium.morph.contracts import BusMessage, Contract, parse
 from cambium.morph.errors import BackendError, redact
 
@@ -41,7 +40,7 @@ return {seq, id}
 """
 
 
-class RedisBus:
+class RedisBus(LocalHandlers):
     """Oona over Redis Streams. `namespace` prefixes every key, so runs (and tests) can share one server."""
 
     def __init__(self, url: str, *, namespace: str = "oona", timeout_s: float = 5.0) -> None:
@@ -53,9 +52,7 @@ class RedisBus:
             raise BackendError(f"REDIS_URL={redact(url)!r} is not a Redis URL: {exc}") from None
         self._publish = self._r.register_script(_PUBLISH)
         self._groups: set[tuple[str, str]] = set()
-        self._handlers: dict[str, list[Handler]] = defaultdict(list)
-        self._lock = threading.Lock()
-        self.rejected = 0
+        super().__init__(threading.Lock())
 
     @contextmanager
     def _server(self, doing: str) -> Iterator[None]:
@@ -86,21 +83,6 @@ class RedisBus:
         for handler in handlers:
             handler(message)
         return env
-
-    def publish_raw(self, topic: str, payload: str | bytes | dict[str, Any]) -> BusMessage | None:
-        """Publish a frame received as JSON; a malformed one is counted in `rejected` and dropped (None)."""
-        try:
-            message = parse(contract_of(topic), payload)
-        except ProtocolError:
-            with self._lock:
-                self.rejected += 1
-            return None
-        return self.publish(topic, message)
-
-    def subscribe(self, topic: str, handler: Handler) -> None:
-        contract_of(topic)
-        with self._lock:
-            self._handlers[topic].append(handler)
 
     def _ensure_group(self, topic: str, group: str) -> None:
         if (topic, group) in self._groups:

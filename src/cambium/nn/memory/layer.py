@@ -70,34 +70,34 @@ class MemoryLayer(nn.Module):
             opt = knobs.ftrl_dual(self.cfg, expanded)
         return MemoryState(expanded, opt)
 
-    def forward(self, x: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
-        """x `[B, T, D]`, state from a previous call (or None) → (`[B, T, D]`, final state)."""
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x `[B, T, D]` → q, k (unit-normalised, fp32) and v, each `[B, H, T, E]`."""
         if x.dim() != 3:
             raise ConfigError(f"MemoryLayer input must be [B, T, D], got shape {tuple(x.shape)}")
         b, t, _ = x.shape
-        h, e = self.heads, self.head_dim
-        q, k, v = self.qkv(x).view(b, t, 3, h, e).permute(2, 0, 3, 1, 4)
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-        a_raw, e_raw, t_raw = self.gates(x).float().view(b, t, 3, h).permute(2, 0, 3, 1)
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1), v
+
+    def forward(self, x: torch.Tensor, state: MemoryState | None = None) -> tuple[torch.Tensor, MemoryState]:
+        """x `[B, T, D]`, state from a previous call (or None) → (`[B, T, D]`, final state)."""
+        q, k, v = self._qkv(x)
+        b, t, _ = x.shape
+        a_raw, e_raw, t_raw = self.gates(x).float().view(b, t, 3, self.heads).permute(2, 0, 3, 1)
         alpha, eta, theta = torch.sigmoid(a_raw), torch.sigmoid(e_raw), F.softplus(t_raw)
         o, final = memory_forward(self.cfg, q, k, v, theta, alpha, eta,
                                   state if state is not None else self.initial_memory(b))
-        return self.out(o.to(x.dtype).transpose(1, 2).reshape(b, t, h * e)), final
+        return self.out(o.to(x.dtype).transpose(1, 2).reshape(b, t, -1)), final
 
     def read(self, x: torch.Tensor, state: MemoryState | None = None) -> torch.Tensor:
         """Read the memory `state` (None: the learned initial memory) with the queries of x `[B, T, D]` and write
         nothing: every token reads the same memory → `[B, T, D]`. It is the rule run with zero inner learning rate,
         retention and momentum (θ = α = η = 0), whose step leaves every memory unchanged."""
-        if x.dim() != 3:
-            raise ConfigError(f"MemoryLayer input must be [B, T, D], got shape {tuple(x.shape)}")
+        q, k, v = self._qkv(x)
         b, t, _ = x.shape
-        h, e = self.heads, self.head_dim
-        q, k, v = self.qkv(x).view(b, t, 3, h, e).permute(2, 0, 3, 1, 4)
-        q, k = F.normalize(q.float(), dim=-1), F.normalize(k.float(), dim=-1)
-        zero = torch.zeros(b, h, t, device=x.device)
+        zero = torch.zeros(b, self.heads, t, device=x.device)
         o, _ = memory_forward(self.cfg, q, k, v, zero, zero, zero,
                               state if state is not None else self.initial_memory(b))
-        return self.out(o.to(x.dtype).transpose(1, 2).reshape(b, t, h * e))
+        return self.out(o.to(x.dtype).transpose(1, 2).reshape(b, t, -1))
 
 
 class TitansMemory(MemoryLayer):
