@@ -9,9 +9,10 @@ first processed events, with `tests/config_reads.record_reads` logging which fie
   decay (one step would leave the schedule's later fields unread). Every other config is large: its task is built
   with the model on the meta device (`torch.device("meta")`) over the tiny config's mixture, and takes no step.
 - screener: `replay` of the committed captures into a Parquet store (`screener replay --store`), then the live path
-  (`run_with_status`: status page, notifiers, connector, depth snapshots from a mock REST endpoint) on the first
-  frames served by the local replay server; a `train*` config (and a variant with `train.*` overrides) runs
-  `screener train` instead, shortened (fewer folds, trees and bootstrap resamples).
+  (`run_with_status`: a registered live run, status page and status.json, notifiers, connector, depth snapshots
+  from a mock REST endpoint) on the first frames served by the local replay server; a `train*` config (and a
+  variant with `train.*` overrides) runs `screener train` instead, shortened (fewer folds, trees and bootstrap
+  resamples).
 - market: `market import` of a committed candle file into the store, `market download` for both markets from a local
   fake Binance whose first answer is a 502 (so the retry settings are read), and `market record` (both venues built,
   the futures one connected to the local replay server).
@@ -263,7 +264,8 @@ def run_screener(case: Case, work: Path) -> Run:
         async with ReplayServer(records, serves=lambda ep, s: route_usdm(s) == ep) as srv:
             ws = WsConfig(futures_public_url=srv.url("public"), futures_market_url=srv.url("market"))
             # default.toml subscribes to aggTrade and depth@100ms, which the captures do not hold: fewer events come.
-            await asyncio.to_thread(run_with_status, cfg, ws, max_events=1_000, duration_s=30)
+            # registered as a live run (status.json every live.status_every_s), as `screener live` does
+            await asyncio.to_thread(run_with_status, cfg, ws, max_events=1_000, duration_s=30, runs_dir=work / "runs")
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(cambium.screener.live, "RestClient", lambda market: RestClient(market, transport=transport))

@@ -52,6 +52,7 @@ def test_every_field_is_described() -> None:
     ("explain.llm_url=ftp://x", r"llm_url='ftp://x' must be an http:// or https:// URL"),
     ("train.calibration=beta", r"train.calibration"),
     ("train.holdout_fraction=1.0", r"train.holdout_fraction"),
+    ("live.status_every_s=0", r"live.status_every_s"),
     ("storage.root=/tmp/x", r"unknown key 'storage.root'"),  # where the store goes is the command's --store
     ("features.stale_ms=5000", r"unknown key 'features.stale_ms'"),  # staleness is status.max_stale_*_ms
 ])

@@ -13,7 +13,8 @@ kline days are read directly by `cambium market import` / `read_kline_file` (for
 `cambium screener train` (`train.data`). A day already on disk is skipped (a rerun resumes). A day the archive does
 not have (HTTP 404: not published yet, or before the listing) is reported as missing, not fatal; a checksum that
 does not match, a body that is not a zip of one CSV, or any other HTTP status is a clear error naming the URL.
-Not yet: turning aggTrades/bookTicker days into MarketEvents for the feature engine (they are stored as published).
+`archive_events.py` turns the stored aggTrades and bookTicker days of a symbol into MarketEvents for the feature engine
+(`cambium screener train` with `train.source = "ticks"`).
 """
 
 from __future__ import annotations

@@ -106,24 +106,57 @@ def live_command(
     config: Path | None = ConfigOpt,
     set_: list[str] = SetOpt,
     duration: float | None = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run registry root: the live run is registered "
+                                  "there and writes status.json (read by `cambium dashboard`)."),
 ) -> None:
     """Watch Binance USDⓈ-M live (read-only): rich table, status page with /metrics, notifiers from the config."""
     cfg = _config(config, set_)
     with contextlib.suppress(KeyboardInterrupt):
-        run_with_status(cfg, WsConfig(), duration_s=duration)
+        run_with_status(cfg, WsConfig(), duration_s=duration, runs_dir=runs_dir)
 
 
 def run_with_status(
     cfg: ScreenerConfig, ws: WsConfig, *, duration_s: float | None = None, max_events: int | None = None,
-    on_started: Callable[[str], None] | None = None,
+    on_started: Callable[[str], None] | None = None, runs_dir: Path | None = None,
 ) -> dict[str, object]:
     """Live path + status page + notifiers; returns the last /api/status document (plus the /metrics text).
-    `on_started(url)` is called once the status page listens."""
+    `on_started(url)` is called once the status page listens.
+
+    With `runs_dir` the live run is registered there (system "screener", name "live") and writes the /api/status
+    document to `status.json` in its run directory every `live.status_every_s` seconds and once when it stops (what
+    `cambium dashboard` shows); it is marked finished when live mode stops, Ctrl-C included, and failed if it raises.
+    """
+    from cambium.core.runs import create_run
+
+    if runs_dir is None:
+        return _run_with_status(cfg, ws, duration_s, max_events, on_started, None)
+    # seed 0: nothing in live mode is seeded (its input is the feed; the connector's back-off jitter is unseeded)
+    run = create_run(runs_dir, system="screener", name="live", config=cfg, seed=0)
+    console.print(f"run {run.id} ({run.dir})")
+    try:
+        status = _run_with_status(cfg, ws, duration_s, max_events, on_started, run.dir / "status.json")
+    except KeyboardInterrupt:  # how live mode is stopped without --duration: the run ended as asked
+        run.finish("finished", {"stopped": "interrupted"})
+        raise
+    except BaseException as exc:
+        run.finish("failed", {"error": repr(exc)})
+        raise
+    else:
+        run.finish("finished", {"p95_latency_ms": status["p95_latency_ms"], "snapshots": status["snapshots"]})
+    finally:
+        run.close()
+    return status
+
+
+def _run_with_status(
+    cfg: ScreenerConfig, ws: WsConfig, duration_s: float | None, max_events: int | None,
+    on_started: Callable[[str], None] | None, status_path: Path | None,
+) -> dict[str, object]:
     import httpx
 
-    from cambium.market.connector import Connector
+    from cambium.market.connector import Connector, ShardStats
     from cambium.screener.live import MalformedCollector, run_live
-    from cambium.screener.observability import ScreenerMetrics, StatusServer, status_app
+    from cambium.screener.observability import ScreenerMetrics, StatusFile, StatusServer, status_app, status_document
     from cambium.screener.pipeline import build_notifiers
     from cambium.screener.replay import Session
 
@@ -132,15 +165,27 @@ def run_with_status(
     metrics = ScreenerMetrics()
     metrics.registry.register(MalformedCollector(session))
     holder: list[Connector] = []
-    app_ = status_app(session, metrics, lambda: holder[0].stats if holder else [])
+
+    def shards() -> list[ShardStats]:
+        return holder[0].stats if holder else []
+
+    app_ = status_app(session, metrics, shards)
+    status_file = None if status_path is None else StatusFile(
+        status_path, lambda: status_document(session, metrics, shards), cfg.live.status_every_s)
     server = StatusServer(app_, cfg.live.status_port)
     url = server.start()
     console.print(f"status page {url}/ (JSON {url}/api/status, Prometheus {url}/metrics)")
-    if on_started is not None:
-        on_started(url)
     try:
-        result = asyncio.run(run_live(cfg, ws, session, metrics, connector=holder, duration_s=duration_s,
-                                      max_events=max_events))
+        if on_started is not None:
+            on_started(url)
+        if status_file is not None:
+            status_file.start()
+        try:
+            result = asyncio.run(run_live(cfg, ws, session, metrics, connector=holder, duration_s=duration_s,
+                                          max_events=max_events))
+        finally:
+            if status_file is not None:
+                status_file.stop()
         status = httpx.get(f"{url}/api/status", timeout=10).json()
         status["metrics"] = httpx.get(f"{url}/metrics", timeout=10).text
     finally:
@@ -167,7 +212,8 @@ def record_command(
 
 def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> Path:
     """Serve the committed BTC/ETH captures through the local replay websocket server and run the live path on them:
-    rich table, status page and Prometheus metrics, all offline; then the deterministic replay digest.
+    rich table, status page and Prometheus metrics, all offline, registered in `runs_dir` as a screener live run (its
+    status.json is what `cambium dashboard` shows); then the deterministic replay digest.
 
     The replay's feature snapshots, predictions and rank events go to `<runs_dir>/screener_demo/store` (Parquet,
     replaced on each run) and its digest and counts to `<runs_dir>/screener_demo/replay.json`; returns that directory.
@@ -191,7 +237,8 @@ def demo(runs_dir: Path = Path("runs"), speed: float = 30.0) -> Path:
         async with ReplayServer(records, speed=speed, serves=lambda ep, s: route_usdm(s) == ep) as srv:
             ws = WsConfig(futures_public_url=srv.url("public"), futures_market_url=srv.url("market"))
             return await asyncio.to_thread(run_with_status, cfg, ws, max_events=len(srv.frames),
-                                           duration_s=(records[-1].recv_ns - records[0].recv_ns) / 1e9 / speed + 20)
+                                           duration_s=(records[-1].recv_ns - records[0].recv_ns) / 1e9 / speed + 20,
+                                           runs_dir=runs_dir)
 
     status = asyncio.run(serve_and_watch())
     rows: list[dict[str, Any]] = status["top"]  # type: ignore[assignment]
@@ -243,7 +290,7 @@ def train_demo(runs_dir: Path, out: Path) -> None:
 @app.command("demo")
 def demo_command(
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Directory that receives the demo's files "
-                                  "(screener_demo/: the replay's Parquet store and digest)."),
+                                  "(screener_demo/: the replay's Parquet store and digest) and its registered runs."),
     speed: float = typer.Option(30.0, "--speed", min=0.1, help="Pace of the served captures (× recorded speed)."),
 ) -> None:
     """The live path offline: the committed captures through the local replay websocket server (rich table, status

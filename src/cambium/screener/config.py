@@ -272,6 +272,9 @@ class LiveConfig(ConfigModel):
     trade_stream: Literal["trade", "aggTrade"] = Field("aggTrade", description="Stream carrying trades.")
     depth_stream: Literal["depth@100ms", "depth@0ms", "depth"] = Field("depth@100ms", description="Depth diffs.")
     status_port: int = Field(0, ge=0, le=65535, description="Status page port on 127.0.0.1 (0 = any free port).")
+    status_every_s: float = Field(2.0, gt=0.0, le=3600.0, description="Seconds between writes of the status page's "
+                                  "document to status.json in the live run's directory (read by `cambium dashboard`); "
+                                  "written once more when live mode stops.")
     depth_snapshots: bool = Field(True, description="Fetch a REST depth snapshot per symbol at start so the local "
                                   "L2 books sync (needs the REST endpoint; off for the offline demo).")
     depth_limit: Literal[100, 500, 1000] = Field(1000, description="Levels per side of each REST depth snapshot.")
@@ -300,11 +303,12 @@ class TrainConfig(ConfigModel):
     """`cambium screener train`: data, labels' kline assumptions, splits, models and the evaluation report."""
 
     source: Literal["klines", "ticks"] = Field(
-        "klines", description="klines: 1 m bar files (2 m / 5 m labels); ticks: recordings or captures through the "
-        "feature engine (every label).")
+        "klines", description="klines: 1 m bar files (2 m / 5 m labels); ticks: recordings, captures or Binance "
+        "aggTrades + bookTicker archive days through the feature engine (every label).")
     data: tuple[str, ...] = Field(
         ("data/samples/market/klines_1m_futures/BTCUSDT_2023-07.csv.gz",), min_length=1,
-        description="Input files (one symbol each for klines; recordings or capture files for ticks).")
+        description="Input files (one symbol each for klines; for ticks: recordings, capture files, or archive "
+        "directories/day files stored by `cambium market archive`).")
     max_rows_per_file: int | None = Field(
         None, ge=100, description="Read only the first rows of each kline file (a quick run); unset reads all.")
     kline_spread_bps: float = Field(

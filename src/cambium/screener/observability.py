@@ -11,18 +11,21 @@ so only the loopback names are accepted and any other `Host` gets a 400.
 from __future__ import annotations
 
 import html
+import json
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from cambium.core.files import atomic_write
 from cambium.market.connector import ShardStats
 from cambium.screener.replay import Session
 
-__all__ = ["LOOPBACK_HOSTS", "ScreenerMetrics", "StatusServer", "status_app"]
+__all__ = ["LOOPBACK_HOSTS", "ScreenerMetrics", "StatusFile", "StatusServer", "status_app", "status_document"]
 
 STATUS_HOST = "127.0.0.1"
 LOOPBACK_HOSTS = (STATUS_HOST, "localhost")
@@ -105,20 +108,7 @@ def status_app(
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
 
     def snapshot() -> dict[str, Any]:
-        stats = shards()
-        metrics.update_shards(stats)
-        metrics.update_staleness(session)
-        ranked = session.pipeline.ranker.ranked()
-        return {
-            "top": [{"rank": i + 1, "symbol": s, "score": round(score, 6), "explanation": _explanation(session, s)}
-                    for i, (s, score) in enumerate(ranked)],
-            "shards": [{"shard": st.shard, "endpoint": st.endpoint, "streams": st.streams, "frames": st.frames,
-                        "connects": st.connects, "malformed": st.malformed, "stale_reconnects": st.stale_reconnects}
-                       for st in stats],
-            "snapshots": session.snapshots,
-            "digest": session.digest,
-            "p95_latency_ms": None if (p := metrics.p95_latency_s()) is None else round(p * 1e3, 3),
-        }
+        return status_document(session, metrics, shards)
 
     @app.get("/api/status")
     def api_status() -> dict[str, Any]:
@@ -152,6 +142,26 @@ def status_app(
         )
 
     return app
+
+
+def status_document(session: Session, metrics: ScreenerMetrics,
+                    shards: Callable[[], Sequence[ShardStats]]) -> dict[str, Any]:
+    """The document of `/api/status` (also the run directory's `status.json`): the top-K with the last ALERT
+    explanation of each symbol, shard health, snapshot count, digest and the p95 frame→decision latency (ms)."""
+    stats = shards()
+    metrics.update_shards(stats)
+    metrics.update_staleness(session)
+    ranked = session.pipeline.ranker.ranked()
+    return {
+        "top": [{"rank": i + 1, "symbol": s, "score": round(score, 6), "explanation": _explanation(session, s)}
+                for i, (s, score) in enumerate(ranked)],
+        "shards": [{"shard": st.shard, "endpoint": st.endpoint, "streams": st.streams, "frames": st.frames,
+                    "connects": st.connects, "malformed": st.malformed, "stale_reconnects": st.stale_reconnects}
+                   for st in stats],
+        "snapshots": session.snapshots,
+        "digest": session.digest,
+        "p95_latency_ms": None if (p := metrics.p95_latency_s()) is None else round(p * 1e3, 3),
+    }
 
 
 def _explanation(session: Session, symbol: str) -> dict[str, str] | None:
@@ -188,3 +198,44 @@ class StatusServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+class StatusFile:
+    """Writes `document()` as JSON to `path` (`atomic_write`: a reader, the dashboard, sees a whole document or the
+    previous one) at `start`, every `every_s` seconds from a background thread, and once more at `stop`."""
+
+    def __init__(self, path: Path, document: Callable[[], dict[str, Any]], every_s: float) -> None:
+        self.path = path
+        self.document = document
+        self.every_s = every_s
+        self.writes = 0
+        self._stop = threading.Event()
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._loop, name="screener-status-file", daemon=True)
+
+    def write(self) -> None:
+        atomic_write(self.path, json.dumps(self.document(), sort_keys=True) + "\n")
+        self.writes += 1
+
+    def start(self) -> None:
+        self.write()
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.write()
+            except RuntimeError:
+                continue  # the live path added a symbol while the document was read: the next tick writes it
+            except Exception as exc:  # e.g. the disk is full: `stop` raises it in the caller
+                self._error = exc
+                return
+
+    def stop(self) -> None:
+        """Stop the thread and write the final document; raise what stopped the periodic writes, if anything did."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._error is not None:
+            raise self._error
+        self.write()

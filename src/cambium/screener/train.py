@@ -94,6 +94,10 @@ def load_training_set(cfg: ScreenerConfig) -> TrainingSet:
     if missing:
         raise DataError(f"train.data names files that do not exist: {missing}")
     if t.source == "klines":
+        folders = [str(p) for p in paths if p.is_dir()]
+        if folders:
+            raise DataError(f"train.source=klines reads kline files, but train.data names directories {folders}; "
+                            f"for recordings or aggTrades/bookTicker archive days set train.source=ticks")
         return load_klines(paths, t.kline_spread_bps, t.kline_impact_bps, cfg.model.baseline, t.max_rows_per_file)
     return load_ticks(paths, cfg.features, cfg.model.baseline)
 

@@ -2,9 +2,11 @@
 
 Two sources a user can actually have:
 
-- **ticks** — recordings (`cambium screener record`) or imported captures, through the streaming `FeatureEngine`
-  (the code live mode runs): one row per snapshot (cadence 1 s), every schema feature, every label (30 s, 2 m, 5 m,
-  toxic; the step of 1 s divides every horizon).
+- **ticks** — recordings (`cambium screener record`), imported captures, or Binance daily archives stored by
+  `cambium market archive` (aggTrades + bookTicker days, `cambium.market.archive_events`: no depth, so impact comes
+  from the top of book), through the streaming `FeatureEngine` (the code live mode runs): one row per snapshot
+  (cadence 1 s), every schema feature the data gives, every label (30 s, 2 m, 5 m, toxic; the step of 1 s divides
+  every horizon).
 - **klines** — 1-minute bars (any format `cambium market import` reads). One row per bar, at its close. The kline
   feature subset (`KLINE_FEATURES`) holds the schema features a bar can give with the same meaning as in the engine:
 
@@ -27,9 +29,10 @@ A row's features are those known at its time; its labels look forward. Rows are 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,6 +42,10 @@ from cambium.screener.config import BaselineConfig, FeatureConfig
 from cambium.screener.contracts import FeatureSnapshot
 from cambium.screener.labels import LabelSpec, PricePath, labellable, make_labels
 from cambium.screener.schema import feature_names, feature_vector
+
+if TYPE_CHECKING:
+    from cambium.market.events import MarketEvent
+    from cambium.screener.features import FeatureEngine
 
 __all__ = ["KLINE_FEATURES", "TrainingSet", "kline_rows", "load_klines", "load_ticks", "tick_rows"]
 
@@ -187,8 +194,12 @@ def load_klines(paths: Sequence[Path], spread_bps: float, impact_bps: float, bas
 def tick_rows(snaps: Sequence[FeatureSnapshot], step_ms: int, spec: LabelSpec,
               baseline: BaselineConfig) -> TrainingSet:
     """One symbol's snapshots (sorted by ts) → a training set; toxicity is judged entering with the 10 s flow."""
-    x = feature_vector(snaps)
     ts = np.array([s.ts for s in snaps], dtype=np.int64)
+    return _tick_set(feature_vector(snaps), ts, snaps[0].symbol if snaps else "", step_ms, spec, baseline)
+
+
+def _tick_set(x: np.ndarray, ts: np.ndarray, symbol: str, step_ms: int, spec: LabelSpec,
+              baseline: BaselineConfig) -> TrainingSet:
     mid = _col(x, "mid")
     spread, impact = _col(x, "spread_bps"), _col(x, "impact_bps")
     flow10 = _col(x, "flow_imbalance_10s")
@@ -198,14 +209,36 @@ def tick_rows(snaps: Sequence[FeatureSnapshot], step_ms: int, spec: LabelSpec,
     labels = make_labels(path, spec, targets)
     heur = _heuristic(spread, impact, _col(x, "realized_vol_bps_60s"), flow10, _col(x, "flow_imbalance_60s"),
                       list(labels), baseline)
-    symbol = snaps[0].symbol if snaps else ""
     features = tuple(name for j, name in enumerate(_NAMES) if np.isfinite(x[:, j]).any())
     return TrainingSet("ticks", x, ts, np.full(ts.shape[0], symbol), labels, heur, features, targets, ())
 
 
+def _archive_rows(events: Iterable[MarketEvent], engine: FeatureEngine,
+                  chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
+    """One symbol's snapshots as `(x, ts)`, turned into rows `chunk` at a time: weeks of 1 s snapshots would hold
+    gigabytes as snapshot objects, a few hundred bytes a row as floats."""
+    xs, tss = [np.empty((0, len(_NAMES)))], [np.empty(0, np.int64)]
+    buf: list[FeatureSnapshot] = []
+
+    def drain() -> None:
+        xs.append(feature_vector(buf))
+        tss.append(np.array([snap.ts for snap in buf], dtype=np.int64))
+        buf.clear()
+
+    for ev in events:
+        buf.extend(engine.on_event(ev))
+        if len(buf) >= chunk:
+            drain()
+    buf.extend(engine.flush())
+    drain()
+    return np.concatenate(xs), np.concatenate(tss)
+
+
 def load_ticks(paths: Sequence[Path], features: FeatureConfig, baseline: BaselineConfig,
                on_file: Callable[[Path], None] | None = None) -> TrainingSet:
-    """Recordings or captures through the streaming feature engine; each path is one session (its own engine)."""
+    """Recordings, captures or stored daily archives through the streaming feature engine; each recording or
+    capture is one session (its own engine), an archive path one session per symbol (`find_archive`)."""
+    from cambium.market.archive_events import archive_events, find_archive
     from cambium.screener.features import FeatureEngine
     from cambium.screener.sources import iter_events
 
@@ -213,7 +246,19 @@ def load_ticks(paths: Sequence[Path], features: FeatureConfig, baseline: Baselin
     parts = []
     for path in paths:
         if not path.exists():
-            raise DataError(f"{path} does not exist (expected a recording directory or a capture file)")
+            raise DataError(f"{path} does not exist (expected a recording directory, a capture file or an archive "
+                            f"directory)")
+        sessions = find_archive(path)
+        if sessions is not None:
+            for session in sessions:
+                x, ts = _archive_rows(archive_events(session), FeatureEngine(features))
+                if ts.size:
+                    part = _tick_set(x, ts, session.symbol, features.cadence_ms, spec, baseline)
+                    part.files = session.files
+                    parts.append(part)
+            if on_file is not None:
+                on_file(path)
+            continue
         engine = FeatureEngine(features)
         snaps = engine.run(iter_events(path))
         by_symbol: dict[str, list[FeatureSnapshot]] = {}
