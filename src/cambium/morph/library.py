@@ -63,6 +63,15 @@ def check_sha(sha: str) -> str:
     return sha
 
 
+def verified(sha: str, data: bytes, where: str) -> bytes:
+    """`data` when it hashes to its address `sha`; an ArtifactError naming `where` otherwise (every store's load)."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha:
+        raise ArtifactError(f"artifact {sha[:12]}... in {where} hashes to {actual[:12]}...: it was modified or "
+                            "corrupted; delete it and compile the blueprint again")
+    return data
+
+
 class LocalObjectStore:
     """Bytes in a local directory, addressed by their sha256."""
 
@@ -84,14 +93,7 @@ class LocalObjectStore:
         path = self._path(sha)
         if not path.is_file():
             raise ArtifactError(f"artifact {sha[:12]}... is not in {self.root}; compile the blueprint again")
-        data = path.read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha:
-            raise ArtifactError(
-                f"artifact {path} hashes to {actual[:12]}..., not its address {sha[:12]}...: the file was modified or "
-                "corrupted; delete it and compile the blueprint again"
-            )
-        return data
+        return verified(sha, path.read_bytes(), str(path))
 
     def has(self, sha: str) -> bool:
         return self._path(sha).is_file()

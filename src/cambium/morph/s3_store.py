@@ -16,7 +16,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from cambium.morph.errors import BackendError, redact
-from cambium.morph.library import ArtifactError, check_sha
+from cambium.morph.library import ArtifactError, check_sha, verified
 
 __all__ = ["S3ObjectStore"]
 
@@ -103,13 +103,7 @@ class S3ObjectStore:
                 raise ArtifactError(f"artifact {sha[:12]}... is not in {self._where()}; compile the blueprint "
                                     "again") from None
             raise BackendError(f"S3 store {self._where()} refused to read {sha[:12]}...: {_code(exc)}") from None
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != sha:
-            raise ArtifactError(
-                f"artifact {sha[:12]}... in {self._where()} hashes to {actual[:12]}...: the object was modified or "
-                "corrupted; delete it and compile the blueprint again"
-            )
-        return data
+        return verified(sha, data, self._where())
 
     def has(self, sha: str) -> bool:
         self._ensure_bucket()
