@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -27,7 +28,8 @@ import torch
 
 from cambium.core.doctor import machine_facts
 
-__all__ = ["RESULTS_DIR", "interleaved_best", "machine", "make_record", "parse_args", "print_line", "write_results"]
+__all__ = ["RESULTS_DIR", "interleaved_best", "machine", "make_record", "mean_sd_n", "parse_args", "print_line",
+           "resumable_study", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -91,3 +93,43 @@ def write_results(name: str, records: list[dict[str, Any]], results_dir: Path = 
     for rec in records:
         print_line(rec)
     return path
+
+
+def mean_sd_n(records: list[dict[str, Any]], rows: Sequence[str], keys: Callable[[list[dict[str, Any]]], list[str]]
+              ) -> dict[str, dict[str, list[float]]]:
+    """Per row (in `rows` order) and metric (`keys(row's records)`): [mean, sample sd (0 for one run), n]."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        runs = [r for r in records if r["row"] == row]
+        if runs:
+            out[row] = {k: [statistics.fmean(r[k] for r in runs),
+                            statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0, len(runs)]
+                        for k in keys(runs)}
+    return out
+
+
+def resumable_study(out: Path, seeds: Sequence[int], rows: Sequence[str], steps: int,
+                    measure: Callable[[str, int], dict[str, Any]],
+                    summarise: Callable[[list[dict[str, Any]]], dict[str, Any]],
+                    describe: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """A seed × row study that survives interruption: `measure(row, seed)` runs for every pair not already recorded
+    in `out` at this `steps` (records of another step count are dropped), each record ({row, seed, steps, seconds,
+    **measured}) is printed with `describe` and `out` ({runs, summary}) rewritten after each. Returns every record."""
+    records: list[dict[str, Any]] = []
+    if out.is_file():
+        records = [r for r in json.loads(out.read_text()).get("runs", []) if r["steps"] == steps]
+    done = {(r["row"], r["seed"]) for r in records}
+    for seed in seeds:
+        for row in rows:
+            if (row, seed) in done:
+                continue
+            t0 = time.time()
+            measured = measure(row, seed)
+            record = {"row": row, "seed": seed, "steps": steps, **measured, "seconds": round(time.time() - t0, 1)}
+            records.append(record)
+            print(f"{row:7s} seed {seed}: {describe(record)} ({record['seconds']:.0f} s)", flush=True)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(json.dumps({"runs": records, "summary": summarise(records)}, indent=1) + "\n")
+            tmp.replace(out)
+    return records

@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from bench.common import interleaved_best, machine, make_record, parse_args, write_results
-from cambium.nn.moe import MoE, resolve_backend
+from cambium.nn.moe import MoE
+from cambium.nn.moe_experts import resolve_backend
 
 D, H, SHARED, SCALE = 512, 256, 2, 2.5
 

@@ -55,7 +55,8 @@ from cambium.data.mixture import prepare_mixture
 from cambium.moe.config import MoEConfig
 from cambium.moe.model import MoETransformer, flops_per_token, lm_loss
 from cambium.moe.train import MoETask
-from cambium.nn.moe import MoE, combine, dispatch, expert_compute, plan_dispatch, resolve_backend
+from cambium.nn.moe import MoE
+from cambium.nn.moe_experts import combine, dispatch, expert_compute, plan_dispatch, resolve_backend
 
 TARGET_MFU = 0.40
 

@@ -17,14 +17,12 @@ JSON, a table on stdout. Builds run one thread each, one after another; run it u
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.common import mean_sd_n, resumable_study
 from cambium.core.config import load_data
 from cambium.data.mixture import ensure_mixture
 from cambium.nested.build import build, evaluate_run
@@ -96,43 +94,27 @@ def main() -> None:
     base = config("mag", 0, 10, 128)
     target = count_parameters(base.model, cms=base.cms)
     ensure_mixture(base.context.mixture, rebuild=True)
-    records: list[dict[str, Any]] = []
-    if args.out.is_file():  # resume an interrupted study: keep the runs already measured
-        records = [r for r in json.loads(args.out.read_text()).get("runs", []) if r["steps"] == args.steps]
-    done = {(r["row"], r["seed"]) for r in records}
-    for seed in args.seeds:
-        for row in args.rows:
-            if (row, seed) in done:
-                continue
-            width = matched_width(row, target)
-            cfg = config(row, seed, args.steps, width)
-            t0 = time.time()
-            result = build(cfg, args.runs_dir, show_progress=False)
-            values = evaluate_run(args.runs_dir, result.run_id, retrieval=True, distances=DISTANCES)
-            record = {"row": row, "seed": seed, "steps": args.steps, "run": result.run_id, "mlp_hidden": width,
-                      "periods": list(cfg.cms.periods) if cfg.model.has_memory else [],
-                      "seconds": round(time.time() - t0, 1), **values}
-            records.append(record)
-            print(f"{row:7s} seed {seed}: {values['parameters']:,.0f} params, val/ppl {values['val/ppl']:.2f}, "
-                  "passkey " + " ".join(f"{values[f'retrieval/passkey/d{d}']:.2f}" for d in DISTANCES)
-                  + ", mqar " + " ".join(f"{values[f'retrieval/mqar/d{d}']:.2f}" for d in DISTANCES)
-                  + f" ({record['seconds']:.0f} s)", flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"runs": records, "summary": summarise(records)}, indent=1) + "\n")
+    def measure(row: str, seed: int) -> dict[str, Any]:
+        width = matched_width(row, target)
+        cfg = config(row, seed, args.steps, width)
+        result = build(cfg, args.runs_dir, show_progress=False)
+        values = evaluate_run(args.runs_dir, result.run_id, retrieval=True, distances=DISTANCES)
+        return {"run": result.run_id, "mlp_hidden": width,
+                "periods": list(cfg.cms.periods) if cfg.model.has_memory else [], **values}
+
+    def describe(r: dict[str, Any]) -> str:
+        return (f"{r['parameters']:,.0f} params, val/ppl {r['val/ppl']:.2f}, passkey "
+                + " ".join(f"{r[f'retrieval/passkey/d{d}']:.2f}" for d in DISTANCES)
+                + ", mqar " + " ".join(f"{r[f'retrieval/mqar/d{d}']:.2f}" for d in DISTANCES))
+
+    records = resumable_study(args.out, args.seeds, args.rows, args.steps, measure, summarise, describe)
     table(summarise(records))
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
     """Per row and metric: [mean, sd, n]."""
-    out: dict[str, dict[str, list[float]]] = {}
-    for row in ROWS:
-        runs = [r for r in records if r["row"] == row]
-        if not runs:
-            continue
-        keys = ["parameters", "val/ppl"] + [k for k in runs[0] if k.startswith("retrieval/")]
-        out[row] = {k: [statistics.fmean(r[k] for r in runs),
-                        statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0, len(runs)] for k in keys}
-    return out
+    return mean_sd_n(records, list(ROWS),
+                     lambda runs: ["parameters", "val/ppl"] + [k for k in runs[0] if k.startswith("retrieval/")])
 
 
 def table(summary: dict[str, dict[str, list[float]]]) -> None:

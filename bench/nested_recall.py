@@ -21,15 +21,13 @@ distance (chance = 1/64).
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from bench.common import mean_sd_n, resumable_study
 from cambium.core.config import load_data
 from cambium.nested.cms import Conductor, OuterGradients
 from cambium.nested.config import CONFIG_MODEL, NestedConfig
@@ -126,47 +124,29 @@ def main() -> None:
         args.seeds, args.steps, args.rows = [0], 30, ["swa", "mag"]
     torch.set_num_threads(1)
     target = n_params(config("mag", 128))
-    records: list[dict[str, Any]] = []
-    if args.out.is_file():
-        records = [r for r in json.loads(args.out.read_text()).get("runs", []) if r["steps"] == args.steps]
-    done = {(r["row"], r["seed"]) for r in records}
-    for seed in args.seeds:
-        for row in args.rows:
-            if (row, seed) in done:
-                continue
-            width = 128 if row.startswith("mag-k") else min(
-                range(16, 512), key=lambda h: abs(n_params(config(row, h)) - target))
-            t0 = time.time()
-            model = train(row, seed, args.steps, width)
-            gen = torch.Generator().manual_seed(99)
-            accuracy = {}
-            for d in DISTANCES:
-                tokens, starts, targets = sequences(128, 2 * PAIRS + d + 2 * PAIRS, gen, distance=d)
-                probe = Probe("mqar", d, tokens, starts, targets)
-                accuracy[f"d{d}"] = probe_accuracy(model, probe, seq_len=T)
-            record = {"row": row, "seed": seed, "steps": args.steps, "mlp_hidden": width,
-                      "parameters": sum(p.numel() for p in model.parameters()),
-                      "seconds": round(time.time() - t0, 1), **accuracy}
-            records.append(record)
-            print(f"{row:7s} seed {seed}: {record['parameters']:,} params, recall by distance "
-                  + " ".join(f"{d}:{accuracy[f'd{d}']:.2f}" for d in DISTANCES) + f" ({record['seconds']:.0f} s)",
-                  flush=True)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"runs": records, "summary": summarise(records)}, indent=1) + "\n")
+    def measure(row: str, seed: int) -> dict[str, Any]:
+        width = 128 if row.startswith("mag-k") else min(
+            range(16, 512), key=lambda h: abs(n_params(config(row, h)) - target))
+        model = train(row, seed, args.steps, width)
+        gen = torch.Generator().manual_seed(99)
+        accuracy = {}
+        for d in DISTANCES:
+            tokens, starts, targets = sequences(128, 2 * PAIRS + d + 2 * PAIRS, gen, distance=d)
+            accuracy[f"d{d}"] = probe_accuracy(model, Probe("mqar", d, tokens, starts, targets), seq_len=T)
+        return {"mlp_hidden": width, "parameters": sum(p.numel() for p in model.parameters()), **accuracy}
+
+    def describe(r: dict[str, Any]) -> str:
+        return f"{r['parameters']:,} params, recall by distance " + " ".join(f"{d}:{r[f'd{d}']:.2f}" for d in DISTANCES)
+
+    records = resumable_study(args.out, args.seeds, args.rows, args.steps, measure, summarise, describe)
     for row, m in summarise(records).items():
         print(f"{row:7s} n={m['parameters'][2]:.0f} " + " ".join(f"{d}: {m[f'd{d}'][0]:.2f}±{m[f'd{d}'][1]:.2f}"
                                                          for d in DISTANCES))
 
 
 def summarise(records: list[dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
-    out: dict[str, dict[str, list[float]]] = {}
-    for row in ROWS:
-        runs = [r for r in records if r["row"] == row]
-        if runs:
-            out[row] = {k: [statistics.fmean(r[k] for r in runs),
-                            statistics.stdev([r[k] for r in runs]) if len(runs) > 1 else 0.0, len(runs)]
-                        for k in ["parameters", *(f"d{d}" for d in DISTANCES)]}
-    return out
+    """Per row and metric: [mean, sd, n]."""
+    return mean_sd_n(records, list(ROWS), lambda _: ["parameters", *(f"d{d}" for d in DISTANCES)])
 
 
 if __name__ == "__main__":

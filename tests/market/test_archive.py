@@ -152,7 +152,73 @@ def test_hostile_archive_answers_give_a_clear_error(tmp_path: Path, zip_body: by
     with httpx.Client(transport=httpx.MockTransport(answer)) as client:
         try:
             download_archive(client, tmp_path, "futures", "aggTrades", ["BTCUSDT"], ["2024-08-08"],
-                             base_url="http://archive.test")
+                             base_url="http://archive.test", sleep=lambda _: None)
         except (DataError, ProtocolError) as exc:
             assert str(exc)
     assert rel.endswith(".zip") and not list(tmp_path.rglob("*.tmp"))
+
+
+def _flaky(files: dict[str, bytes], failures: list[object]) -> httpx.MockTransport:
+    """Serves `files`; each URL first meets `failures` in turn (an HTTP status, or "drop" for a connection error)."""
+    seen: dict[str, int] = {}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        path = request.url.path.lstrip("/")
+        n = seen[path] = seen.get(path, 0) + 1
+        if n <= len(failures):
+            failure = failures[n - 1]
+            if failure == "drop":
+                raise httpx.ConnectError("connection reset", request=request)
+            assert isinstance(failure, tuple)
+            return httpx.Response(failure[0], headers=failure[1])
+        body = files.get(path)
+        return httpx.Response(200 if body is not None else 404, content=body or b"")
+
+    return httpx.MockTransport(answer)
+
+
+def test_blips_are_retried_with_backoff_and_the_day_is_kept(tmp_path: Path) -> None:
+    import random
+
+    slept: list[float] = []
+    transport = _flaky(_day_files("2023-07-20"), ["drop", (503, {}), (429, {"retry-after": "7"})])
+    with httpx.Client(transport=transport) as client:
+        report = download_archive(client, tmp_path, "futures", "klines", ["BTCUSDT"], ["2023-07-20"],
+                                  base_url="http://archive.test", sleep=slept.append, rng=random.Random(0),
+                                  backoff_s=0.5)
+    assert [p.name for p in report.written] == ["BTCUSDT-1m-2023-07-20.csv.gz"]
+    assert report.retried == 6 and len(slept) == 6  # three failures for the zip and three for its CHECKSUM
+    assert slept[0] <= 0.5 and slept[1] <= 1.0 and slept[2] == 7.0  # full-jitter ceilings, then Retry-After
+    assert read_kline_file(report.written[0]).table.num_rows == 1440
+
+
+@pytest.mark.parametrize(("failures", "retries", "match", "asked"), [
+    ([(503, {})] * 5, 2, "HTTP 503 after 3 attempts", 3),
+    (["drop"] * 5, 1, "failed after 2 attempts: ConnectError", 2),
+    ([(403, {})], 4, "answered HTTP 403$", 1),  # not a blip: never retried
+    ([(418, {})], 4, "answered HTTP 418$", 1),  # banned: retrying would extend the ban
+])
+def test_failures_that_outlast_the_retries_are_named(tmp_path: Path, failures: list[object], retries: int,
+                                                     match: str, asked: int) -> None:
+    slept: list[float] = []
+    with httpx.Client(transport=_flaky(_day_files("2023-07-20"), failures)) as client, \
+            pytest.raises(ProtocolError, match=match):
+        download_archive(client, tmp_path, "futures", "klines", ["BTCUSDT"], ["2023-07-20"],
+                         base_url="http://archive.test", sleep=slept.append, retries=retries)
+    assert len(slept) == asked - 1 and not list(tmp_path.rglob("*.csv.gz"))
+
+
+@settings(max_examples=40, deadline=None)
+@given(header=st.text(max_size=30))
+def test_any_retry_after_header_gives_a_bounded_wait(header: str) -> None:
+    import tempfile
+
+    slept: list[float] = []
+    transport = _flaky(_day_files("2023-07-20"), [(429, {"retry-after": header})])
+    with tempfile.TemporaryDirectory() as out, httpx.Client(transport=transport) as client:
+        try:
+            download_archive(client, out, "futures", "klines", ["BTCUSDT"], ["2023-07-20"],
+                             base_url="http://archive.test", sleep=slept.append, backoff_s=0.0)
+        except UnicodeEncodeError:  # a header httpx itself refuses to build
+            return
+    assert len(slept) == 2 and all(0.0 <= s <= 300.0 for s in slept)  # one 429 for the zip, one for its CHECKSUM

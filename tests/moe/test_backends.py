@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cambium.nn.moe import MoE, RouterOutput, combine, dispatch, expert_compute, moe_reference, plan_dispatch
+from cambium.nn.moe import MoE, RouterOutput, moe_reference
+from cambium.nn.moe_experts import combine, dispatch, expert_compute, plan_dispatch
 
 
 def _routing(n: int, e: int, k: int, skew: float, gen: torch.Generator) -> RouterOutput:

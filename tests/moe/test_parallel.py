@@ -26,7 +26,8 @@ from cambium.data.mixture import prepare_mixture
 from cambium.moe.config import MoEConfig
 from cambium.moe.model import MoETransformer
 from cambium.moe.parallel import MoEParallel
-from cambium.nn.moe import ExpertShard, MoE
+from cambium.nn.moe import MoE
+from cambium.nn.moe_experts import ExpertShard
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "moe" / "tiny.toml"

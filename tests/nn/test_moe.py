@@ -10,17 +10,8 @@ import pytest
 import torch
 
 from cambium.core.errors import ConfigError, DeviceError
-from cambium.nn.moe import (
-    MoE,
-    Router,
-    balance_stats,
-    bias_gamma,
-    combine,
-    dispatch,
-    expert_compute,
-    plan_dispatch,
-    resolve_backend,
-)
+from cambium.nn.moe import MoE, Router, balance_stats, bias_gamma
+from cambium.nn.moe_experts import combine, dispatch, expert_compute, plan_dispatch, resolve_backend
 
 GRID = [
     # tokens (B, T), D, H, E, K, score_func, n_groups, topk_groups, n_shared, route_scale

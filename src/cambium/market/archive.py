@@ -24,7 +24,9 @@ import gzip
 import hashlib
 import io
 import os
+import random
 import re
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ from pathlib import Path
 import httpx
 
 from cambium.core.errors import DataError, ProtocolError
+from cambium.market.limits import Backoff
 
 __all__ = ["ARCHIVE_KINDS", "ARCHIVE_URL", "ArchiveReport", "archive_file", "days", "download_archive"]
 
@@ -48,6 +51,8 @@ class ArchiveReport:
     skipped: list[Path] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     """URLs the archive answered 404 for."""
+    retried: int = 0
+    """Requests retried after a connection error, timeout, HTTP 5xx or 429."""
 
 
 def days(start: str, end: str) -> list[str]:
@@ -81,16 +86,51 @@ def archive_file(market: str, kind: str, symbol: str, day: str, interval: str = 
     return f"{root}/{kind}/{symbol}/{symbol}-{kind}-{day}.zip"
 
 
-def _get(client: httpx.Client, url: str) -> bytes | None:
+@dataclass
+class _Fetcher:
+    """GET with retries: connection errors, timeouts, 5xx and 429 are retried (`retries` times at most)."""
+
+    client: httpx.Client
+    retries: int
+    backoff: Backoff
+    sleep: Callable[[float], None]
+    retried: int = 0
+
+    def get(self, url: str) -> bytes | None:
+        for attempt in range(self.retries + 1):
+            last = attempt == self.retries
+            try:
+                response = self.client.get(url)
+            except httpx.HTTPError as exc:
+                if last:
+                    raise ProtocolError(f"GET {url} failed after {attempt + 1} attempts: {type(exc).__name__}: "
+                                        f"{exc}") from None
+                self._wait(self.backoff.delay(attempt))
+                continue
+            if response.status_code == 200:
+                return response.content
+            if response.status_code == 404:
+                return None
+            if response.status_code == 429 or response.status_code >= 500:
+                if last:
+                    raise ProtocolError(f"GET {url} answered HTTP {response.status_code} after {attempt + 1} "
+                                        f"attempts")
+                self._wait(max(self.backoff.delay(attempt), _retry_after_s(response)))
+                continue
+            raise ProtocolError(f"GET {url} answered HTTP {response.status_code}")
+        raise AssertionError("unreachable")  # the last attempt returns or raises
+
+    def _wait(self, seconds: float) -> None:
+        self.retried += 1
+        self.sleep(seconds)
+
+
+def _retry_after_s(response: httpx.Response, cap: float = 300.0) -> float:
     try:
-        response = client.get(url)
-    except httpx.HTTPError as exc:
-        raise ProtocolError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
-    if response.status_code == 404:
-        return None
-    if response.status_code != 200:
-        raise ProtocolError(f"GET {url} answered HTTP {response.status_code}")
-    return response.content
+        value = float(response.headers.get("retry-after", "0"))
+    except ValueError:
+        return 0.0
+    return min(cap, value) if value > 0 else 0.0  # NaN and negatives → 0
 
 
 def _checksum(text: bytes, url: str, name: str) -> str:
@@ -115,10 +155,15 @@ def _csv_of(body: bytes, url: str) -> bytes:
 
 def download_archive(client: httpx.Client, out: str | Path, market: str, kind: str, symbols: Sequence[str],
                      day_list: Sequence[str], *, interval: str = "1m", base_url: str = ARCHIVE_URL,
-                     on_day: Callable[[str], None] | None = None) -> ArchiveReport:
-    """Fetch, verify and store every (symbol, day); `on_day(path)` after each (a progress bar advances on it)."""
+                     on_day: Callable[[str], None] | None = None, retries: int = 4, backoff_s: float = 1.0,
+                     sleep: Callable[[float], None] = time.sleep, rng: random.Random | None = None) -> ArchiveReport:
+    """Fetch, verify and store every (symbol, day); `on_day(path)` after each (a progress bar advances on it).
+    `retries`, `backoff_s` (first back-off ceiling, doubling to 60 s), `sleep` and `rng` shape the retries."""
+    if retries < 0 or backoff_s < 0:
+        raise DataError(f"retries={retries} and backoff_s={backoff_s} must be ≥ 0")
     out = Path(out)
     report = ArchiveReport()
+    fetch = _Fetcher(client, retries, Backoff(backoff_s, 60.0, rng or random.Random()), sleep)
     for symbol in symbols:
         for day in day_list:
             rel = archive_file(market, kind, symbol, day, interval)
@@ -128,11 +173,11 @@ def download_archive(client: httpx.Client, out: str | Path, market: str, kind: s
             if target.is_file():
                 report.skipped.append(target)
             else:
-                body = _get(client, url)
+                body = fetch.get(url)
                 if body is None:
                     report.missing.append(url)
                 else:
-                    listed = _get(client, url + ".CHECKSUM")
+                    listed = fetch.get(url + ".CHECKSUM")
                     if listed is None:
                         raise DataError(f"{url}.CHECKSUM is missing: the zip cannot be verified")
                     want, got = _checksum(listed, url + ".CHECKSUM", name), hashlib.sha256(body).hexdigest()
@@ -147,4 +192,5 @@ def download_archive(client: httpx.Client, out: str | Path, market: str, kind: s
                     report.written.append(target)
             if on_day is not None:
                 on_day(url)
+    report.retried = fetch.retried
     return report

@@ -178,6 +178,7 @@ def archive_command(
     interval: str = typer.Option("1m", help="Kline interval (kind klines)."),
     base_url: str = typer.Option("https://data.binance.vision", help="Archive root (tests point it at 127.0.0.1)."),
     timeout: float = typer.Option(60.0, min=1.0, help="Per-request timeout, seconds."),
+    retries: int = typer.Option(4, min=0, help="Retries of a request after a connection error, 5xx or 429."),
 ) -> None:
     """Download Binance's public daily archives, verify each zip's sha256 and keep its CSV (gzip); days already
     on disk are skipped, days the archive lacks are listed."""
@@ -193,9 +194,9 @@ def archive_command(
     with httpx.Client(timeout=timeout, follow_redirects=True) as client, \
             progress(f"archive {market} {kind}", total=len(names) * len(day_list), unit="day") as bar:
         report = download_archive(client, out, market, kind, names, day_list, interval=interval, base_url=base_url,
-                                  on_day=lambda _: bar.advance())
+                                  on_day=lambda _: bar.advance(), retries=retries)
     console.print(f"{len(report.written)} days written, {len(report.skipped)} already there, "
-                  f"{len(report.missing)} not in the archive under {out}")
+                  f"{len(report.missing)} not in the archive under {out} ({report.retried} requests retried)")
     for url in report.missing:
         console.print(f"  missing: {url}")
 

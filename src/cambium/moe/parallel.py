@@ -35,7 +35,7 @@ from cambium.core.distributed import DistInfo
 from cambium.core.errors import CheckpointError, ConfigError
 from cambium.core.optim import MuonWithAdamW
 from cambium.moe.model import MoETransformer
-from cambium.nn.moe import ExpertShard
+from cambium.nn.moe_experts import ExpertShard
 
 __all__ = ["MoEParallel", "load_sharded_state", "sharded_state"]
 
