@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 # quality studies (tens of minutes each) are run by hand, not by `make bench`
-STUDIES := bench/nested_quality.py bench/nested_recall.py
+STUDIES := bench/nested_quality.py bench/nested_recall.py bench/morph_growth.py
 BENCHES := $(basename $(notdir $(filter-out bench/__init__.py bench/common.py $(STUDIES),$(wildcard bench/*.py))))
 
 .PHONY: setup test lint typecheck pytest demo bench clean

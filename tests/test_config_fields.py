@@ -120,7 +120,7 @@ STEP_ONLY = {
     "nested": ("build.", "context.", "model.memory."),
     "worldmodel": ("size", "data.", "tokenizer.revin_eps", "tokenizer.huber_delta", "jepa.masking.", "jepa.vicreg.",
                    "jepa.ema.", "train_tokenizer.", "train_jepa.", "evaluation.", "pipeline.", "flow.", "train_flow.",
-                   "forecast."),
+                   "forecast.", "env.", "agents.", "ppo.", "backtest.", "tdmpc.", "multiverse."),
     "morph": ("lifecycle.", "compare.", "data.", "train."),
 }
 LARGE = {"moe": {"dense-cpu", "moonlet-cpu", "moonlet", "moonlight"},
@@ -136,7 +136,14 @@ ELSEWHERE = {
               "test_a_compile_still_in_flight_after_the_timeout_is_culled",
               "library.worker_wait_s": "read only with compile workers in other processes (compile_in = workers, "
               "needs Redis): tests/integration/test_distributed.py::"
-              "test_a_run_whose_compile_worker_is_killed_mid_job_loses_nothing"},
+              "test_a_run_whose_compile_worker_is_killed_mid_job_loses_nothing",
+              "controller.policy": "read only with controller.kind = 'gnn', which needs a policy file Simic trained: "
+              "tests/morph/test_gnn.py::test_a_run_with_controller_kind_gnn_decides_with_the_policy_file"},
+    "screener": {"live.worker_restarts": "read only by the sharded runner's parent when a worker dies (live.workers "
+                 "> 0, worker processes the mock REST endpoint cannot reach): tests/screener/test_shards.py::"
+                 "test_a_killed_worker_is_restarted_and_no_rank_event_is_lost_or_repeated",
+                 "live.shed_fraction": "read only while live mode sheds load: tests/screener/test_shards.py::"
+                 "test_a_receive_backlog_sheds_the_least_active_symbols_depth_diffs"},
 }
 
 
@@ -217,8 +224,10 @@ CAPTURES = [SAMPLES / f"market/ws/binance_usdm_hftbacktest/{s}_20240808.gz" for 
 
 
 def _depth_snapshots() -> httpx.MockTransport:
-    """The captures' own REST depth snapshots, answered like /fapi/v1/depth."""
+    """The captures' own REST depth snapshots, answered like /fapi/v1/depth, and an exchangeInfo listing their two
+    symbols (the default `live.symbols = "all"`)."""
     from cambium.market.captures import iter_hftbacktest
+    from cambium.market.synthetic import exchange_info
 
     bodies = {}
     for path in CAPTURES:
@@ -228,6 +237,8 @@ def _depth_snapshots() -> httpx.MockTransport:
                 break
 
     def answer(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/exchangeInfo"):
+            return httpx.Response(200, json=exchange_info(sorted(bodies)), headers={"X-MBX-USED-WEIGHT-1M": "1"})
         return httpx.Response(200, text=bodies[request.url.params["symbol"]], headers={"X-MBX-USED-WEIGHT-1M": "20"})
 
     return httpx.MockTransport(answer)
@@ -347,10 +358,13 @@ def run_worldmodel(case: Case, work: Path) -> Run:
         with record_reads() as reads, torch.device("meta"):
             WorldModelJEPA(cfg.jepa, FSQTokenizer(cfg.tokenizer))
         return Run(cfg, reads, True)
-    # All seven phases, each training phase two steps long (one of warm-up).
+    # All nine phases, each training phase two steps long (one of warm-up); the agents one rollout (PPO) and a few
+    # steps past TD-MPC2's random seeding, backtested with few bootstrap resamples.
     cfg = load(case.path, WorldModelConfig, ["train_tokenizer.steps=2", "train_tokenizer.warmup_steps=1",
                                              "train_jepa.steps=2", "train_jepa.warmup_steps=1", "train_flow.steps=2",
-                                             "train_flow.warmup_steps=1", *case.overrides])
+                                             "train_flow.warmup_steps=1", "ppo.steps=64", "ppo.n_steps=64",
+                                             "agents.tdmpc_steps=12", "tdmpc.seed_steps=8",
+                                             "backtest.bootstrap_samples=10", *case.overrides])
     with record_reads() as reads:
         run_pipeline(cfg, work / "runs", show_progress=False)
     return Run(cfg, reads, False)

@@ -317,6 +317,16 @@ def test_a_moved_runs_directory_still_resolves(tmp_path: Path) -> None:
     assert open_run(tmp_path / "new", run.id).config_path.is_file()
 
 
+def test_a_copied_runs_directory_resumes_its_own_copy(tmp_path: Path) -> None:
+    run = create_run(tmp_path / "old", system="s", name="n", config=Cfg(), seed=0)
+    finish_run(tmp_path / "old", run.id)
+    shutil.copytree(tmp_path / "old", tmp_path / "copy")
+    reopened = open_run(tmp_path / "copy", run.id)
+    assert reopened.dir == (tmp_path / "copy" / run.id).resolve()
+    assert get_run(tmp_path / "copy", run.id).dir == reopened.dir
+    assert get_run(tmp_path / "old", run.id).dir == (tmp_path / "old" / run.id).resolve()
+
+
 class FailingRegistry(MemoryRegistry):
     def insert(self, record: RunRecord) -> None:
         raise RunError("registry unavailable")

@@ -7,13 +7,19 @@ installs a rich console handler. Elsewhere both write one JSON object per line t
 
 A progress context in that mode writes a line with event="progress" at most every `interval_s` seconds (10 by default)
 and always a final one with `done: true` and the final count, so long loops leave a few lines, not thousands.
+
+`log_context(**fields)` adds fields to every record logged inside it (per thread and per asyncio task, through a
+context variable), e.g. a correlation id from `correlation_id()` for one frame batch or one incident; both formatters
+show them.
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,7 +45,7 @@ from rich.text import Text
 
 __all__ = [
     "ENV_HOLD_CHECKPOINT", "ENV_HOLD_STEP", "ENV_PROGRESS", "JsonFormatter", "ProgressHandle", "ProgressReporter",
-    "get_logger", "progress", "setup_logging",
+    "correlation_id", "get_logger", "log_context", "progress", "setup_logging",
 ]
 
 # The exact-resume harness (cambium.core.testing) drives a trainer through these variables; only a CLI entry point
@@ -62,8 +68,54 @@ def _dumps(obj: dict[str, Any]) -> str:
     return orjson.dumps(obj, default=str, option=orjson.OPT_SERIALIZE_NUMPY).decode()
 
 
+_LOG_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("cambium_log_context",
+                                                                                     default=None)
+
+
+def correlation_id() -> str:
+    """A new random correlation id (16 hex digits) for `log_context` or an `extra=` field."""
+    return secrets.token_hex(8)
+
+
+_CONTEXT_ATTR = "_cambium_context"
+_factory_installed = False
+
+
+def _install_record_factory() -> None:
+    """Stamp the current `log_context` fields on each record when it is created (formatting may happen later or in
+    another thread: a queue handler, pytest's capture). Installed once, at the first `log_context`."""
+    global _factory_installed
+    if _factory_installed:
+        return
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        context = _LOG_CONTEXT.get()
+        if context:
+            setattr(record, _CONTEXT_ATTR, context)
+        return record
+
+    logging.setLogRecordFactory(factory)
+    _factory_installed = True
+
+
+@contextmanager
+def log_context(**fields: Any) -> Iterator[None]:
+    """Within the block, every record logged from this thread / asyncio task also carries `fields` (nested blocks
+    add to the outer ones; a record's own `extra=` fields win)."""
+    _install_record_factory()
+    token = _LOG_CONTEXT.set({**(_LOG_CONTEXT.get() or {}), **fields})
+    try:
+        yield
+    finally:
+        _LOG_CONTEXT.reset(token)
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS and not k.startswith("_")}
+    own = {k: v for k, v in vars(record).items() if k not in _RECORD_ATTRS and not k.startswith("_")}
+    context: dict[str, Any] | None = getattr(record, _CONTEXT_ATTR, None)
+    return {**context, **own} if context else own
 
 
 class JsonFormatter(logging.Formatter):

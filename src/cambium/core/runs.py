@@ -387,9 +387,12 @@ def _resolve(registry: RunRegistry, root: Path, id_or_prefix: str) -> RunRecord:
 
 
 def _locate(root: Path, record: RunRecord) -> RunRecord:
-    """The recorded directory, or `<root>/<id>` when the whole runs directory was moved or copied elsewhere."""
-    if not record.dir.is_dir() and (root / record.id).is_dir():
-        return RunRecord(**{**record.__dict__, "dir": (root / record.id).resolve()})
+    """`<root>/<id>` when it exists, else the recorded directory. A runs directory that was moved or copied elsewhere
+    holds the original's absolute paths in its registry: the copy's own run directory wins, so that resuming a run in
+    a copy never writes into the original."""
+    here = root / record.id
+    if here.is_dir() and here.resolve() != record.dir:
+        return RunRecord(**{**record.__dict__, "dir": here.resolve()})
     return record
 
 
