@@ -12,6 +12,12 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from cambium.market.recorder import Record
+from cambium.market.replay_server import ReplayServer
 
 
 def spot_rows(path: Path) -> list[list[Any]]:
@@ -137,3 +143,29 @@ class FakeBinance:
         h.send_header("Content-Length", str(len(body)))
         h.end_headers()
         h.wfile.write(body)
+
+
+class RateLimitedStreams(ReplayServer):
+    """The replay websocket server behind Binance's rate limits: the first handshakes are answered with the scripted
+    HTTP refusals — (429 or 418, Retry-After header value or None), in order — the later ones are served.
+    `handshakes` keeps (time.monotonic(), status) of every handshake: 101 for the served ones."""
+
+    def __init__(self, records: list[Record], refusals: list[tuple[int, str | None]], **kw: Any) -> None:
+        super().__init__(records, **kw)
+        self.refusals = list(refusals)
+        self.handshakes: list[tuple[float, int]] = []
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if not self.refusals:
+            self.handshakes.append((time.monotonic(), 101))
+            return super()._process_request(connection, request)
+        status, retry_after = self.refusals.pop(0)
+        self.handshakes.append((time.monotonic(), status))
+        reason = "I'm a teapot" if status == 418 else "Too Many Requests"
+        msg = ("Way too much request weight used; IP banned until 1714521600000." if status == 418
+               else "Too many new connections.")
+        body = orjson.dumps({"code": -1003, "msg": msg})
+        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))])
+        if retry_after is not None:
+            headers["Retry-After"] = retry_after
+        return Response(status, reason, headers, body)

@@ -315,3 +315,54 @@ def test_spot_venue_one_endpoint_and_five_messages_per_second(btc_records: list[
     assert got == want
     times = list(conn.stats[0].control_times)
     assert len(times) == 9 and min(b - a for a, b in itertools.pairwise(times)) >= 1 / 4 - 1e-9  # 5/s minus a ping slot
+
+
+def test_websockets_client_every_frame_in_order_across_disconnects_and_malformed_counted(
+        btc_records: list[Record]) -> None:
+    """`ws.client = "websockets"` (the other client; the rest of the suite runs on the default, picows) on the first
+    test's faults."""
+    async def go():
+        faults = Faults(drop_after=1500, malformed_every=40)
+        async with ReplayServer(btc_records, faults=faults, serves=_binance_split) as srv:
+            return srv, *await _collect(srv, _cfg(srv, client="websockets"), BTC_STREAMS)
+
+    srv, conn, got, want, events = asyncio.run(go())
+    assert got == want and sum(map(len, want.values())) == 11999 and len(events) == 11999
+    assert sum(s.malformed for s in conn.stats) == srv.stats.malformed_sent > 250
+    assert sum(s.disconnects for s in conn.stats) >= 7 and srv.stats.connections == sum(s.connects for s in conn.stats)
+
+
+def test_unsubscribe_stops_a_stream_now_and_after_a_reconnect(btc_records: list[Record]) -> None:
+    """UNSUBSCRIBE reaches the server on the open connection, and the reconnect that follows does not ask for the
+    stream again (the replay server would resend it from its start): no depth frame arrives after it."""
+    first = btc_records[0].mono_ns
+    records = [r for r in btc_records if r.mono_ns - first < 4e9]
+
+    async def go() -> tuple[list[str], list[str], Connector]:
+        async with ReplayServer(records, speed=1.0, serves=_binance_split) as srv:
+            cfg = _cfg(srv)
+            conn = Connector(binance_usdm_venue(cfg), BTC_STREAMS, cfg)
+            before: list[str] = []
+            after: list[str] = []
+            phase = [before]
+            async with conn:
+                async def drain() -> None:
+                    async for rec, _ in conn.deliveries():
+                        phase[0].append(rec.frame)
+
+                task = asyncio.create_task(drain())
+                await asyncio.sleep(1.0)
+                assert await conn.unsubscribe(["btcusdt@depth@0ms", "ethusdt@trade"]) == 1
+                await asyncio.sleep(0.3)  # frames already in flight
+                phase[0] = after
+                for shard in conn.shards:  # every connection drops: each shard reconnects and resubscribes
+                    if shard.live is not None:
+                        await shard.live[0].close()
+                await asyncio.sleep(2.0)
+                task.cancel()
+            return before, after, conn
+
+    before, after, conn = asyncio.run(go())
+    assert any("@depth" in f for f in before)
+    assert any("@bookTicker" in f for f in after) and not any("@depth" in f for f in after)
+    assert sum(s.streams for s in conn.stats) == 2 and all(s.connects >= 2 for s in conn.stats)

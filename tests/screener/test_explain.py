@@ -169,3 +169,53 @@ def test_background_explainer_does_not_block_the_caller(llm_server: LocalServer)
         assert not any(f.done() for f in futures)  # submit returned before the 3 s server answered
         results = [f.result(timeout=10) for f in futures]
     assert all(r.source == "template" and r.problems[0] == "timeout" for r in results)
+
+
+def _good_answer() -> bytes:
+    content = json.dumps({"headline": "BTCUSDT on watch", "subtext": "Toxic flow gate.", "status_label": "WATCH",
+                          "tooltips": {}})
+    return json.dumps({"choices": [{"message": {"content": content}}]}).encode()
+
+
+def test_llm_sends_the_api_key_from_the_named_variable_and_reuses_one_client() -> None:
+    import httpx
+
+    from cambium.screener.explain_llm import OpenAICompatibleLLM, api_key
+
+    cfg = ExplainConfig(llm_enabled=True, llm_url="https://llm.invalid/v1/chat/completions",
+                        llm_api_key_env="CAMBIUM_TEST_LLM_KEY")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=_good_answer())
+
+    llm = OpenAICompatibleLLM(cfg.llm_url, cfg.llm_model, cfg.llm_timeout_s,
+                              api_key=api_key(cfg, {"CAMBIUM_TEST_LLM_KEY": "sk-test-123"}),
+                              transport=httpx.MockTransport(handler))
+    explainer = Explainer(cfg, llm)
+
+    async def three() -> list[str]:
+        out = [(await explainer.explain(INP)).source for _ in range(3)]
+        await llm.aclose()
+        return out
+
+    assert asyncio.run(three()) == ["llm"] * 3
+    assert [r.headers["authorization"] for r in seen] == ["Bearer sk-test-123"] * 3
+    assert llm.clients_made == 1  # one HTTP client (one connection pool) for the three requests
+    assert "sk-test-123" not in cfg.model_dump_json()  # the config names the variable, never holds the key
+
+
+def test_llm_refuses_in_one_line_when_the_named_key_variable_is_unset() -> None:
+    from cambium.core.errors import ConfigError
+
+    cfg = ExplainConfig(llm_enabled=True, llm_api_key_env="CAMBIUM_TEST_LLM_KEY")
+    with pytest.raises(ConfigError) as info:
+        Explainer(cfg, env={})
+    assert "CAMBIUM_TEST_LLM_KEY" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(ConfigError):
+        Explainer(cfg, env={"CAMBIUM_TEST_LLM_KEY": ""})
+    Explainer(cfg.model_copy(update={"llm_enabled": False}), env={})  # LLM off: no key needed
+    Explainer(cfg.model_copy(update={"llm_api_key_env": ""}), env={})  # a local endpoint without a key
+    with pytest.raises(ValueError, match="llm_api_key_env"):
+        ExplainConfig(llm_api_key_env="sk-live-abc")  # a key pasted where the variable's name belongs

@@ -78,9 +78,9 @@ def test_live_path_serves_status_page_and_metrics() -> None:
     assert isinstance(text, str)
     for name in ("cambium_screener_messages_total", "cambium_screener_e2e_latency_seconds_bucket",
                  "cambium_screener_reconnects_total", "cambium_screener_malformed_frames_total",
-                 "cambium_screener_stale_ms", "cambium_screener_event_lag_seconds", "cambium_screener_incidents_total",
-                 "cambium_screener_dropped_events_total", "cambium_screener_messages_per_second",
-                 "cambium_screener_malformed_events_total"):
+                 "cambium_screener_stale_seconds", "cambium_screener_event_lag_seconds",
+                 "cambium_screener_incidents_total", "cambium_screener_dropped_events_total",
+                 "cambium_screener_notifications_total", "cambium_screener_malformed_events_total"):
         assert name in text, name
 
 
@@ -102,7 +102,10 @@ def test_rest_depth_snapshots_sync_the_live_books() -> None:
 
     records = list(itertools.islice(heapq.merge(*(iter_hftbacktest(p) for p in CAPTURES), key=lambda r: r.recv_ns),
                                     30_000))
-    cfg = load(CONFIG, ScreenerConfig, ["live.depth_snapshots=true", "features.max_skew_ms=20000"])
+    # no load shedding here: on a busy machine the 20× replay backs up, and a shed symbol's book is resynced with a
+    # further snapshot (shedding has its own tests in test_shards.py)
+    cfg = load(CONFIG, ScreenerConfig, ["live.depth_snapshots=true", "features.max_skew_ms=20000",
+                                        "live.shed_backlog=1000000000"])
     session = Session(cfg)
     client = RestClient("futures", transport=httpx.MockTransport(handler))
 
@@ -130,7 +133,8 @@ def test_gc_freeze_holds_for_the_run_only_and_every_frame_is_probed() -> None:
         frames: list[int] = []
 
         def probe(rec: object, decided_ns: int, counts: set[int] = counts, frames: list[int] = frames) -> None:
-            counts.add(gc.get_freeze_count())
+            if len(frames) % 100 == 0:  # get_freeze_count walks the frozen heap: every 100th frame (the first, ...)
+                counts.add(gc.get_freeze_count())
             frames.append(decided_ns)
 
         async def run(cfg: ScreenerConfig = cfg, probe: object = probe) -> tuple[LiveResult, int]:

@@ -12,7 +12,7 @@ import pytest
 from rich.console import Console
 
 from cambium.screener.contracts import RankEvent, decode
-from cambium.screener.notify import BackgroundSender, TelegramNotifier, TokenBucket, WebhookNotifier
+from cambium.screener.notify import BackgroundSender, RetryPolicy, TelegramNotifier, TokenBucket, WebhookNotifier
 from cambium.screener.terminal import TerminalTable
 
 from ._builders import rank_event
@@ -104,10 +104,12 @@ def test_webhook_posts_contract_json(caplog: pytest.LogCaptureFixture) -> None:
         hook.close()
         assert [decode(body, RankEvent) for _, body in server.requests] == events
         assert hook.counts["sent"] == 5
-        bad = WebhookNotifier(server.url + "/down/SECRET-PART", rate=1000, burst=1000)
+        bad = WebhookNotifier(server.url + "/down/SECRET-PART", rate=1000, burst=1000,
+                              retry=RetryPolicy(2, 0.001, 0.002))
         bad.offer(events[0])
         bad.close()
-        assert bad.counts["failed"] == 1
+        assert bad.counts["failed"] == 1 and bad.counts["retried"] == 2 and bad.counts["dropped:retries_exhausted"] == 1
+        assert sum(path.startswith("/down") for path, _ in server.requests) == 3  # 1 attempt + 2 retries
         assert "HTTP 503" in caplog.text and "SECRET-PART" not in caplog.text
 
 
@@ -182,7 +184,7 @@ def test_terminal_live_redraws_are_rate_limited() -> None:
     assert table.redraws == 1
 
 
-def test_http_429_pauses_the_channel_for_retry_after() -> None:
+def test_http_429_pauses_the_channel_for_retry_after_then_retries() -> None:
     clock = FakeClock()
     answers = iter([(429, b'{"ok":false,"parameters":{"retry_after":7}}', 0.0)])
 
@@ -194,8 +196,8 @@ def test_http_429_pauses_the_channel_for_retry_after() -> None:
                               clock=clock, sleep=clock.sleep)
         tg.offer(rank_event(event="ALERT_TRAP", symbol="AAAUSDT"))
         assert tg.flush(10)
-        assert tg.counts["rate_limited"] == 1 and tg.counts["failed"] == 1 and clock() == 0.0
-        tg.offer(rank_event(event="ALERT_TRAP", symbol="BBBUSDT"))
+        # the 429 paused the channel for the 7 s Telegram asked for (clock time), then the same message went out
+        assert tg.counts["rate_limited"] == 1 and tg.counts["retried"] == 1 and tg.counts["sent"] == 1
+        assert clock() >= 7.0 and tg.counts["failed"] == 0
         tg.close()
-        assert tg.counts["sent"] == 1 and clock() >= 7.0  # the second message waited out the 7 s (clock time)
-        assert b"BBBUSDT" in server.requests[-1][1]
+        assert [b"AAAUSDT" in body for _, body in server.requests] == [True, True]

@@ -321,6 +321,9 @@ class Venue:
     def subscribe(self, streams: list[str], msg_id: int) -> str:
         return orjson.dumps({"method": "SUBSCRIBE", "params": streams, "id": msg_id}).decode()
 
+    def unsubscribe(self, streams: list[str], msg_id: int) -> str:
+        return orjson.dumps({"method": "UNSUBSCRIBE", "params": streams, "id": msg_id}).decode()
+
     def decode(self, frame: str | bytes, recv_ns: int) -> list[MarketEvent] | ControlReply:
         return self.decoder(frame, recv_ns, self.name)
 

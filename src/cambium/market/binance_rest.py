@@ -4,18 +4,25 @@ Rate limits are per IP and counted in request weight. The client reads ``X-MBX-U
 and, before each request, waits for the next minute window if the request would take the used weight over
 `weight_fraction` of the limit (the limit comes from exchangeInfo's REQUEST_WEIGHT entry once it has been fetched).
 On 429 it sleeps ``Retry-After`` seconds, halves its own budget for the rest of the run and retries; on 418 (IP
-banned) it stops at once, records an incident and raises `IpBanned` with the unban time; 5xx, transport errors and
+banned) it stops at once, records an incident and raises `IpBanned` with the unban time (Retry-After, else the time
+in the body, else 120 s: Binance's shortest ban); 5xx, transport errors and
 malformed bodies are retried up to `max_retries` with the connector's exponential back-off with full jitter
 (`limits.Backoff`), so parallel downloaders do not retry in lockstep. Clock, sleep and the jitter's random source are
 injectable so tests never wait.
+
+Every 429/418 is an incident: counted in `incident_counts` (by status, read by the screener's metrics), kept in
+`incidents` (and appended to `incident_log` when given), and logged as one line (JSON under `setup_logging`'s JSON
+mode) that carries its correlation id `incident_id`, also in the record and in the IpBanned message.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +32,16 @@ import httpx
 import orjson
 
 from cambium.core.errors import ProtocolError
+from cambium.core.progress import correlation_id
 from cambium.market.config import RestConfig
-from cambium.market.limits import Backoff
+from cambium.market.limits import Backoff, parse_retry_after
 
 __all__ = ["IpBanned", "RestClient", "SymbolInfo", "futures_kline_weight", "parse_exchange_info"]
 
-_BAN_RE = re.compile(r"banned until (\d{12,})")
+_BAN_RE = re.compile(r"banned until (\d{12,15})")
+BAN_DEFAULT_S = 120.0  # a 418 without Retry-After: Binance's bans last 2 minutes to 3 days
+
+log = logging.getLogger("cambium.market.rest")
 
 
 class IpBanned(ProtocolError):
@@ -127,6 +138,7 @@ class RestClient:
         self._window = -1
         self.requests = 0
         self.incidents: list[dict[str, Any]] = []
+        self.incident_counts: Counter[str] = Counter()
         self.slept: list[tuple[str, float]] = []
 
     def close(self) -> None:
@@ -146,13 +158,20 @@ class RestClient:
         self.slept.append((why, seconds))
         self.sleep(seconds)
 
-    def _incident(self, status: int, url: str, retry_after: float | None, msg: str) -> None:
-        rec = {"time": self.wall(), "status": status, "url": url, "retry_after_s": retry_after, "msg": msg}
+    def _incident(self, status: int, url: str, retry_after: float | None, msg: str) -> str:
+        incident_id = correlation_id()
+        rec = {"time": self.wall(), "incident_id": incident_id, "status": status, "url": url,
+               "retry_after_s": retry_after, "msg": msg}
         self.incidents.append(rec)
+        self.incident_counts[str(status)] += 1
+        log.warning("REST rate-limit incident: HTTP %d from %s, retry after %s s", status, url, retry_after,
+                    extra={"event": "rate_limit_incident", "source": "rest", "incident_id": incident_id,
+                           "status": status, "url": url, "retry_after_s": retry_after})
         if self.incident_log is not None:
             self.incident_log.parent.mkdir(parents=True, exist_ok=True)
             with open(self.incident_log, "ab") as fh:
                 fh.write(orjson.dumps(rec) + b"\n")
+        return incident_id
 
     def _wait_for_weight(self, weight: int) -> None:
         window = int(self.wall() // 60)
@@ -187,18 +206,20 @@ class RestClient:
                     except orjson.JSONDecodeError as exc:
                         problem = f"malformed JSON body ({exc})"
                 elif status == 418:
-                    ban_s = _retry_after(resp) or 120.0
                     m = _BAN_RE.search(resp.text)
+                    ban_s = _retry_after(resp, self.wall())
+                    if ban_s is None:
+                        ban_s = max(0.0, int(m.group(1)) / 1000 - self.wall()) if m else BAN_DEFAULT_S
                     until = int(m.group(1)) if m else int((self.wall() + ban_s) * 1000)
-                    self._incident(418, str(resp.url), ban_s, resp.text[:300])
+                    incident = self._incident(418, str(resp.url), ban_s, resp.text[:300])
                     raise IpBanned(
                         f"HTTP 418 from {resp.url}: this IP is banned for {ban_s:.0f} s (until epoch ms {until}); "
-                        "stop all requests to Binance from this IP until then",
+                        f"stop all requests to Binance from this IP until then (incident {incident})",
                         ban_s,
                         until,
                     )
                 elif status == 429:
-                    retry = _retry_after(resp)
+                    retry = _retry_after(resp, self.wall())
                     self._incident(429, str(resp.url), retry, resp.text[:300])
                     self.budget_scale = max(0.05, self.budget_scale / 2)
                     self._pause("429", retry if retry is not None else self._backoff(attempt))
@@ -260,9 +281,5 @@ class RestClient:
         return sorted(ok, key=lambda s: -vol[s])[:n]
 
 
-def _retry_after(resp: httpx.Response) -> float | None:
-    value = resp.headers.get("retry-after")
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
+def _retry_after(resp: httpx.Response, now: float) -> float | None:
+    return parse_retry_after(resp.headers.get("retry-after"), now=now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -251,6 +252,10 @@ def serve_command(
     malformed_every: int | None = typer.Option(None, help="Send a malformed frame after every k-th frame."),
     refuse_next: int = typer.Option(0, help="Refuse this many connection attempts first (HTTP 503)."),
     control_error_every: int | None = typer.Option(None, help="Answer every k-th control message with an error."),
+    universe: int | None = typer.Option(None, help="Replicate the recording over this many synthetic symbols "
+                                        "S000USDT… and serve their exchangeInfo and depth snapshots on /fapi/v1/."),
+    traffic: str = typer.Option("market", help="With --universe: 'market' (activity of a real cross-section) or "
+                                "'stress' (every symbol as busy as the recorded ones)."),
 ) -> None:
     """Serve a recording as Binance combined streams on 127.0.0.1 (endpoints /public, /market, /) until Ctrl-C."""
     import asyncio
@@ -260,6 +265,15 @@ def serve_command(
     from cambium.market.replay_server import Faults, ReplayServer
 
     records = list(read_recording(recording))
+    rest: dict[str, Any] = {}
+    if universe is not None:
+        from cambium.market import synthetic
+
+        names = [synthetic.synthetic_name(k) for k in range(universe)]
+        snaps: dict[str, str] = {}  # no REST snapshot in a recording: built from the first book tickers
+        rest = {"exchange_info": synthetic.exchange_info(names),
+                "depth": synthetic.depth_bodies(records, snaps, universe)}
+        records = synthetic.replicate(records, universe, traffic)
     faults = Faults(drop_after=drop_after, malformed_every=malformed_every, refuse_next=refuse_next,
                     control_error_every=control_error_every)
 
@@ -267,7 +281,7 @@ def serve_command(
         return endpoint == "" or route_usdm(stream) == endpoint
 
     async def run() -> None:
-        async with ReplayServer(records, faults=faults, speed=speed, serves=serves, port=port) as srv:
+        async with ReplayServer(records, faults=faults, speed=speed, serves=serves, port=port, **rest) as srv:
             console.print(f"serving {len(srv.frames)} frames of {recording} on {srv.address} "
                           f"(/public/stream, /market/stream, /stream); {srv.stats.unservable} recorded frames "
                           "are not stream messages and are not served")

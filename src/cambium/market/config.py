@@ -6,6 +6,8 @@ configurable so tests and the replay demo point at 127.0.0.1.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from cambium.core.config import ConfigModel
@@ -72,6 +74,12 @@ class WsConfig(ConfigModel):
     ping_timeout_s: float | None = Field(60.0, gt=0, description="Close if our ping is not answered within this.")
     open_timeout_s: float = Field(10.0, gt=0, description="Timeout of the opening handshake.")
     queue_size: int = Field(100_000, ge=1, description="Frames buffered between the shards and the consumer.")
+    client: Literal["websockets", "picows"] = Field(
+        "picows", description="Websocket client library: picows (default: about half the CPU per frame) or websockets "
+        "(docs/screener.md has the measured frames/s and CPU).")
+    ban_backoff_s: float = Field(
+        120.0, gt=0, description="Hold-off of every shard after a handshake answered HTTP 418 (IP banned) without "
+        "Retry-After; Binance's bans last 2 minutes to 3 days.")
 
     @model_validator(mode="after")
     def _check(self) -> WsConfig:

@@ -2,8 +2,8 @@
 
 Generic over `Venue` (no venue branches here). Per shard, forever until stopped:
 
-1. wait for the circuit breaker (open after N failed handshakes, half-open probe after a cool-down) and for the
-   per-IP new-connection budget (shared by all shards);
+1. wait for the circuit breaker (open after N failed handshakes, half-open probe after a cool-down), for a rate-limit
+   hold (below) and for the per-IP new-connection budget (shared by all shards);
 2. connect to the shard's endpoint and (re)subscribe its streams with SUBSCRIBE messages, at most
    `control_messages_per_s` - 1 per second so the library's pings/pongs fit under the venue's per-connection cap;
 3. receive: stamp every frame (wall and monotonic ns, shard id), decode it once, count and skip malformed frames,
@@ -12,6 +12,20 @@ Generic over `Venue` (no venue branches here). Per shard, forever until stopped:
    `rotate_after_s` old (Binance cuts connections at 24 h);
 5. wait a back-off delay (exponential, full jitter; reset after a connection that delivered data; none after a
    planned rotation) and go to 1.
+
+A handshake answered HTTP 429 (too many requests) or 418 (this IP is banned) is a rate-limit incident: limits are per
+IP, so every shard of the connector holds off until the `Retry-After` the server sent (for a 418 without one,
+`ws.ban_backoff_s`; for a 429 without one, the usual back-off). The incident is counted in `ShardStats.incidents` (by
+status) and logged once, as one line with its correlation id `incident_id`. Every log line about a connection carries
+its `conn_id` (`cambium.core.progress.log_context`).
+
+`Connector.unsubscribe(streams)` stops streams at run time (a symbol delisted): UNSUBSCRIBE on the open connection
+within the same control budget, and the streams are never subscribed again on a reconnect.
+
+`connect` is the websocket client: `cambium.market.ws_picows.connect` by default (`ws.client = "picows"`),
+`websockets.asyncio.client.connect` for `ws.client = "websockets"`, or any function with the same keywords returning an
+object with `send`, `close` and async iteration over frames. A client that is not websockets reports a refused
+handshake by raising `limits.HandshakeRejected`.
 """
 
 from __future__ import annotations
@@ -21,26 +35,57 @@ import contextlib
 import logging
 import random
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from cambium.core.errors import ConfigError
+from cambium.core.progress import correlation_id, log_context
 from cambium.market.binance import ControlReply, MalformedFrame, Venue
 from cambium.market.config import WsConfig
 from cambium.market.events import MarketEvent
-from cambium.market.limits import Backoff, CircuitBreaker, Clock, SlidingWindowLimiter, SystemClock, shard_streams
+from cambium.market.limits import (
+    Backoff,
+    CircuitBreaker,
+    Clock,
+    HandshakeRejected,
+    SlidingWindowLimiter,
+    SystemClock,
+    parse_retry_after,
+    shard_streams,
+)
 from cambium.market.recorder import Record
 
-__all__ = ["Connector", "Delivery", "ShardStats"]
+__all__ = ["Connector", "Delivery", "ShardStats", "client_connect"]
 
 log = logging.getLogger("cambium.market.connector")
 
 Delivery = tuple[Record, list[MarketEvent]]
 MAX_SUBSCRIBE_RETRIES = 3
+RATE_LIMIT_STATUSES = (418, 429)
+
+
+def _rejection(exc: BaseException) -> tuple[int, str | None] | None:
+    """(HTTP status, Retry-After header) of a refused handshake, or None for other failures."""
+    if isinstance(exc, HandshakeRejected):
+        return exc.status, exc.headers.get("retry-after")
+    if isinstance(exc, InvalidStatus):
+        return exc.response.status_code, exc.response.headers.get("Retry-After")
+    return None
+
+
+def client_connect(name: str) -> Callable[..., Any]:
+    """The `connect` function of websocket client `name` (`ws.client`)."""
+    if name == "websockets":
+        return ws_connect
+    if name == "picows":
+        from cambium.market.ws_picows import connect
+
+        return connect
+    raise ConfigError(f"ws.client={name!r} is unknown; use 'websockets' or 'picows'")
 
 
 @dataclass
@@ -56,6 +101,7 @@ class ShardStats:
     frames: int = 0
     malformed: int = 0
     malformed_by_reason: dict[str, int] = field(default_factory=dict)  # MalformedFrame.reason, or 'utf8'
+    incidents: dict[str, int] = field(default_factory=dict)  # refused handshakes by HTTP status: '429', '418'
     control_sent: int = 0
     control_errors: int = 0
     stale_reconnects: int = 0
@@ -66,12 +112,12 @@ class ShardStats:
     control_times: deque[float] = field(default_factory=lambda: deque(maxlen=10_000))
 
 
-def _count_malformed(stats: ShardStats, reason: str, sid: int, what: str) -> None:
+def _count_malformed(stats: ShardStats, reason: str, sid: int, what: str, recv_ns: int) -> None:
     stats.malformed += 1
     stats.malformed_by_reason[reason] = stats.malformed_by_reason.get(reason, 0) + 1
     if stats.malformed & (stats.malformed - 1) == 0:  # the 1st, 2nd, 4th, ... : a trace without a flood
         log.warning("shard %d: malformed frame skipped (%d so far; reason %s): %s", sid, stats.malformed, reason,
-                    what[:200])
+                    what[:200], extra={"frame_recv_ns": recv_ns})  # the frame's receive stamp, as recorded
 
 
 class _Shard:
@@ -87,14 +133,17 @@ class _Shard:
         self.last_data = 0.0
         self.blocked = False
         self.close_reason = ""
+        self.live: tuple[Any, SlidingWindowLimiter] | None = None  # the open connection and its control budget
 
     async def run(self) -> None:
         c = self.c
         clock = c.clock
         url = c.venue.url(self.endpoint)
-        while not c.stopping:
+        while not c.stopping and self.streams:  # a shard whose streams were all unsubscribed is done
             while not self.breaker.allow():
                 await clock.sleep(max(self.breaker.wait_time(), 1e-3))
+            while (hold := c.hold_until - clock.monotonic()) > 0:
+                await clock.sleep(hold)
             await c.connection_budget.acquire()
             try:
                 delivered = await self._connection(url)
@@ -114,6 +163,10 @@ class _Shard:
             await clock.sleep(delay)
 
     async def _connection(self, url: str) -> bool:
+        with log_context(conn_id=f"{self.c.conn_tag}-{self.sid}-{self.stats.connects + 1}"):
+            return await self._connection_logged(url)
+
+    async def _connection_logged(self, url: str) -> bool:
         c = self.c
         cfg = c.cfg
         self.close_reason = ""
@@ -132,7 +185,11 @@ class _Shard:
         except (OSError, InvalidHandshake, TimeoutError) as exc:
             self.stats.handshake_failures += 1
             self.breaker.record_failure()
-            log.info("shard %d: connect to %s failed: %s", self.sid, url, exc)
+            rejected = _rejection(exc)
+            if rejected is not None and rejected[0] in RATE_LIMIT_STATUSES:
+                self._incident(url, *rejected)
+            else:
+                log.info("shard %d: connect to %s failed: %s", self.sid, url, exc)
             return False
         self.breaker.record_success()
         frames_before = self.stats.frames
@@ -140,6 +197,7 @@ class _Shard:
         opened = self.last_data
         limiter = SlidingWindowLimiter(c.control_budget, 1.0, c.clock, min_interval=1.0 / c.control_budget)
         resend: asyncio.Queue[int] = asyncio.Queue()
+        self.live = (ws, limiter)
         sub = asyncio.create_task(self._subscribe(ws, limiter, resend))
         dog = asyncio.create_task(self._watchdog(ws, opened))
         try:
@@ -147,6 +205,7 @@ class _Shard:
         except ConnectionClosed:
             pass
         finally:
+            self.live = None
             for task in (sub, dog):
                 task.cancel()
             for task in (sub, dog):
@@ -162,6 +221,21 @@ class _Shard:
         self.stats.disconnects += 1
         return self.stats.frames > frames_before
 
+    def _incident(self, url: str, status: int, retry_after: str | None) -> None:
+        """HTTP 429/418 on the handshake: count it, hold every shard off, log one line with a correlation id."""
+        c = self.c
+        wait = parse_retry_after(retry_after)
+        if wait is None:
+            wait = c.ban_backoff_s if status == 418 else self.backoff.delay(self.backoff.attempt)
+        c.hold_until = max(c.hold_until, c.clock.monotonic() + wait)
+        key = str(status)
+        self.stats.incidents[key] = self.stats.incidents.get(key, 0) + 1
+        log.warning("shard %d: websocket handshake refused with HTTP %d (%s); every shard holds off %.1f s",
+                    self.sid, status, "IP banned" if status == 418 else "too many requests", wait,
+                    extra={"event": "rate_limit_incident", "source": "ws", "incident_id": correlation_id(),
+                           "status": status, "url": url, "retry_after": retry_after, "hold_s": round(wait, 3),
+                           "shard": self.sid})
+
     async def _subscribe(self, ws: Any, limiter: SlidingWindowLimiter, resend: asyncio.Queue[int]) -> None:
         c = self.c
         chunks = [self.streams[i : i + c.cfg.streams_per_subscribe]
@@ -171,6 +245,10 @@ class _Shard:
         while True:
             while queue:
                 chunk, tries = queue.popleft()
+                wanted = set(self.streams)
+                chunk = [s for s in chunk if s in wanted]  # unsubscribed meanwhile: never asked for again
+                if not chunk:
+                    continue
                 await limiter.acquire()
                 msg_id = c.next_id()
                 pending[msg_id] = (chunk, tries)
@@ -185,6 +263,29 @@ class _Shard:
                     await ws.close(1000, "subscription refused")
                     return
                 queue.append((chunk, tries + 1))
+
+    async def unsubscribe(self, streams: set[str]) -> int:
+        """Drop `streams` from this shard: UNSUBSCRIBE on the open connection (within the control budget), and never
+        subscribed again on a reconnect. A shard left with no stream closes its connection and ends."""
+        c = self.c
+        gone = [s for s in self.streams if s in streams]
+        if not gone:
+            return 0
+        self.streams = [s for s in self.streams if s not in streams]
+        self.stats.streams = len(self.streams)
+        if self.live is not None:
+            ws, limiter = self.live
+            with contextlib.suppress(ConnectionClosed):
+                if not self.streams:
+                    await ws.close(1000, "no streams left")
+                    return len(gone)
+                step = c.cfg.streams_per_subscribe
+                for i in range(0, len(gone), step):
+                    await limiter.acquire()
+                    self.stats.control_sent += 1
+                    self.stats.control_times.append(c.clock.monotonic())
+                    await ws.send(c.venue.unsubscribe(gone[i : i + step], c.next_id()))
+        return len(gone)
 
     async def _watchdog(self, ws: Any, opened: float) -> None:
         c = self.c
@@ -219,12 +320,12 @@ class _Shard:
                 try:
                     frame = frame.decode()
                 except UnicodeDecodeError:
-                    _count_malformed(stats, "utf8", sid, "not UTF-8 text")
+                    _count_malformed(stats, "utf8", sid, "not UTF-8 text", recv_ns)
                     continue
             try:
                 out = decode(frame, recv_ns)
             except MalformedFrame as exc:
-                _count_malformed(stats, exc.reason, sid, str(exc))
+                _count_malformed(stats, exc.reason, sid, str(exc), recv_ns)
                 continue
             if isinstance(out, ControlReply):
                 if out.error is not None:
@@ -262,13 +363,17 @@ class Connector:
         clock: Clock | None = None,
         rng: random.Random | None = None,
         connection_budget: SlidingWindowLimiter | None = None,
-        connect: Callable[..., Any] = ws_connect,
+        connect: Callable[..., Any] | None = None,
     ) -> None:
+        """`connect` overrides the websocket client that `cfg.client` names."""
         self.venue = venue
         self.cfg = cfg or WsConfig()
         self.clock = clock or SystemClock()
         self.rng = rng or random.Random()
-        self.connect = connect
+        self.connect = connect or client_connect(self.cfg.client)
+        self.hold_until = float("-inf")  # no shard connects before this (monotonic s): a 429/418 said so
+        self.ban_backoff_s = self.cfg.ban_backoff_s
+        self.conn_tag = correlation_id()[:8]  # conn_id = <conn_tag>-<shard>-<connection number>
         if not streams:
             raise ConfigError("the connector needs at least one stream name")
         cap = min(self.cfg.max_streams_per_connection, venue.max_streams_per_connection)
@@ -306,6 +411,12 @@ class Connector:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._tasks = []
+
+    async def unsubscribe(self, streams: Iterable[str]) -> int:
+        """Stop `streams` at run time (a delisted symbol): UNSUBSCRIBE on the open connections, not resubscribed on a
+        reconnect. Frames already in flight may still arrive. Returns how many of the streams were dropped."""
+        wanted = set(streams)
+        return sum([await shard.unsubscribe(wanted) for shard in self.shards])
 
     async def __aenter__(self) -> Connector:
         await self.start()

@@ -1,4 +1,5 @@
-"""Clocks and the rate-limiting pieces of the connector: sliding-window limiter, back-off, circuit breaker, sharding.
+"""Clocks and the rate-limiting pieces of the connector: sliding-window limiter, back-off, circuit breaker, sharding,
+and the parser of `Retry-After` values shared by every HTTP client here (REST, websocket handshakes, notifiers).
 
 Everything that waits takes a `Clock`, so tests run on `FakeClock` (sleeping advances its time at once) and never wait
 for real back-off.
@@ -7,8 +8,10 @@ for real back-off.
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import math
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -23,12 +26,65 @@ __all__ = [
     "CircuitBreaker",
     "Clock",
     "FakeClock",
+    "HandshakeRejected",
     "SlidingWindowLimiter",
     "SystemClock",
+    "parse_retry_after",
     "shard_streams",
 ]
 
 HARD_STREAM_CAP = 1024
+# Binance's longest IP ban is 3 days; a Retry-After beyond that is not believed.
+MAX_RETRY_AFTER_S = 3 * 86_400.0
+_DELAY_SECONDS = re.compile(r"[0-9]{1,20}(?:\.[0-9]{0,9})?")
+
+
+class HandshakeRejected(OSError):
+    """The server answered a websocket handshake with HTTP `status` (429/418 are rate-limit incidents). The connector
+    reads websockets' own InvalidStatus; other clients (`ws_picows`) raise this."""
+
+    def __init__(self, status: int, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"server rejected the websocket handshake with HTTP {status}")
+        self.status = status
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+
+
+def parse_retry_after(value: object, *, now: float | None = None, cap_s: float = MAX_RETRY_AFTER_S) -> float | None:
+    """Seconds to wait from a `Retry-After` value, or None when there is no usable one.
+
+    Accepts delay-seconds (RFC 9110: a non-negative integer; a decimal is accepted too), an int or float (Telegram's
+    `parameters.retry_after`), or an HTTP-date (seconds from `now`, wall-clock epoch seconds, default `time.time()`;
+    a date in the past is 0). The result is capped at `cap_s`. Negative, non-finite and unparsable values, booleans
+    and other types are None: the caller falls back to its own back-off.
+    """
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    seconds: float | None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text or len(text) > 64:
+            return None
+        seconds = float(text) if _DELAY_SECONDS.fullmatch(text) else None
+        if seconds is None:
+            try:
+                when = email.utils.parsedate_to_datetime(text)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+            if when.tzinfo is None:
+                return None
+            seconds = max(0.0, when.timestamp() - (time.time() if now is None else now))
+    else:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, cap_s)
 
 
 class Clock(Protocol):

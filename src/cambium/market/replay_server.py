@@ -19,6 +19,11 @@ Bad control messages are answered as Binance answers them (``{"code": 3, "msg": 
 is not a JSON object with an integer id, ``{"code": 2, "msg": "Invalid request: ..."}`` for an unknown method or
 ``params`` that are not a list of stream names), counted in `ServerStats.bad_requests`, and the connection stays open.
 Recorded frames that are not combined-stream messages cannot be served; they are counted in `ServerStats.unservable`.
+
+REST on the same port (plain HTTP GET, no websocket upgrade), for live mode's universe and depth snapshots:
+``/fapi/v1/exchangeInfo`` answers `exchange_info` (e.g. `cambium.market.synthetic.exchange_info`), and
+``/fapi/v1/depth?symbol=X`` answers `depth[X]` (raw JSON bytes), each with an ``X-MBX-USED-WEIGHT-1M`` header; an
+unknown path or symbol is a 404 and a server without them answers 404 too. Counted in `ServerStats.rest_requests`.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ class ServerStats:
     stalls: int = 0
     bad_requests: int = 0
     unservable: int = 0
+    rest_requests: int = 0
     control_log: list[tuple[int, float, Any]] = field(default_factory=list)
     attempt_times: list[float] = field(default_factory=list)
     subscribed: dict[int, set[str]] = field(default_factory=dict)
@@ -115,6 +121,8 @@ class ReplayServer:
         ping_interval: float | None = None,
         ping_timeout: float | None = None,
         log_sends: bool = False,
+        exchange_info: dict[str, Any] | None = None,
+        depth: dict[str, bytes] | None = None,
     ) -> None:
         """`speed` paces frames at `speed` × recorded speed (None: as fast as the client reads); `log_sends` keeps
         (frame index, `time.time_ns()`) of every send in `stats.sends`, for latency benchmarks."""
@@ -127,6 +135,8 @@ class ReplayServer:
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
         self.log_sends = log_sends
+        self.exchange_info = None if exchange_info is None else orjson.dumps(exchange_info)
+        self.depth = depth or {}
         self.frames: list[str] = []
         self.stream_of: list[str] = []
         self.mono: list[int] = []
@@ -185,7 +195,25 @@ class ReplayServer:
             await self._server.wait_closed()
             self._server = None
 
+    def _rest(self, request: Request) -> Response:
+        self.stats.rest_requests += 1
+        parts = urlsplit(request.path)
+        body: bytes | None = None
+        if parts.path == "/fapi/v1/exchangeInfo":
+            body = self.exchange_info
+        elif parts.path == "/fapi/v1/depth":
+            body = self.depth.get(parse_qs(parts.query).get("symbol", [""])[0])
+        if body is None:
+            body = b'{"code":-1121,"msg":"not served here"}'
+            return Response(int(HTTPStatus.NOT_FOUND), "Not Found",
+                            Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body)))]), body)
+        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                           ("X-MBX-USED-WEIGHT-1M", "1")])
+        return Response(int(HTTPStatus.OK), "OK", headers, body)
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.startswith("/fapi/") and "upgrade" not in request.headers.get("Connection", "").lower():
+            return self._rest(request)
         self.stats.attempts += 1
         self.stats.attempt_times.append(time.monotonic())
         if self.faults.refuse or self.faults.refuse_next > 0:

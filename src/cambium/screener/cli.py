@@ -20,6 +20,8 @@ from cambium.market.config import WsConfig
 from cambium.screener.config import ScreenerConfig
 
 if TYPE_CHECKING:
+    from cambium.screener.observability import ScreenerMetrics
+    from cambium.screener.replay import Session
     from cambium.screener.train import TrainResult
 
 app = typer.Typer(help="Live crypto in-play screener: replay recordings deterministically, or watch Binance live.",
@@ -108,16 +110,35 @@ def live_command(
     duration: float | None = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
     runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Run registry root: the live run is registered "
                                   "there and writes status.json (read by `cambium dashboard`)."),
+    symbols: str | None = typer.Option(None, help='"all" (every USDⓈ-M perpetual exchangeInfo lists, the default) '
+                                       "or a comma-separated list; overrides live.symbols."),
+    workers: int | None = typer.Option(None, help="Worker processes sharing the symbols (0: one process); "
+                                       "overrides live.workers."),
+    local: str | None = typer.Option(None, help="Address of `cambium market serve` (ws://127.0.0.1:PORT): its "
+                                     "websocket endpoints and REST (exchangeInfo, depth) instead of Binance."),
 ) -> None:
     """Watch Binance USDⓈ-M live (read-only): rich table, status page with /metrics, notifiers from the config."""
-    cfg = _config(config, set_)
+    overrides = list(set_)
+    if symbols is not None:
+        overrides.append('live.symbols="all"' if symbols.strip() == "all" else
+                         "live.symbols=[" + ",".join(f'"{s.strip().upper()}"' for s in symbols.split(",")) + "]")
+    if workers is not None:
+        overrides.append(f"live.workers={workers}")
+    cfg = _config(config, overrides)
+    ws, extra = WsConfig(), dict[str, Any]()
+    if local is not None:
+        base = local.rstrip("/")
+        if not base.startswith("ws://"):
+            raise typer.BadParameter(f"--local {local!r} must be a ws:// address (what `market serve` prints)")
+        ws = WsConfig(futures_public_url=f"{base}/public", futures_market_url=f"{base}/market")
+        extra["rest_url"] = "http://" + base.removeprefix("ws://")
     with contextlib.suppress(KeyboardInterrupt):
-        run_with_status(cfg, WsConfig(), duration_s=duration, runs_dir=runs_dir)
+        run_with_status(cfg, ws, duration_s=duration, runs_dir=runs_dir, **extra)
 
 
 def run_with_status(
     cfg: ScreenerConfig, ws: WsConfig, *, duration_s: float | None = None, max_events: int | None = None,
-    on_started: Callable[[str], None] | None = None, runs_dir: Path | None = None,
+    on_started: Callable[[str], None] | None = None, runs_dir: Path | None = None, rest_url: str | None = None,
 ) -> dict[str, object]:
     """Live path + status page + notifiers; returns the last /api/status document (plus the /metrics text).
     `on_started(url)` is called once the status page listens.
@@ -129,12 +150,12 @@ def run_with_status(
     from cambium.core.runs import create_run
 
     if runs_dir is None:
-        return _run_with_status(cfg, ws, duration_s, max_events, on_started, None)
+        return _run_with_status(cfg, ws, duration_s, max_events, on_started, None, rest_url)
     # seed 0: nothing in live mode is seeded (its input is the feed; the connector's back-off jitter is unseeded)
     run = create_run(runs_dir, system="screener", name="live", config=cfg, seed=0)
     console.print(f"run {run.id} ({run.dir})")
     try:
-        status = _run_with_status(cfg, ws, duration_s, max_events, on_started, run.dir / "status.json")
+        status = _run_with_status(cfg, ws, duration_s, max_events, on_started, run.dir / "status.json", rest_url)
     except KeyboardInterrupt:  # how live mode is stopped without --duration: the run ended as asked
         run.finish("finished", {"stopped": "interrupted"})
         raise
@@ -150,7 +171,7 @@ def run_with_status(
 
 def _run_with_status(
     cfg: ScreenerConfig, ws: WsConfig, duration_s: float | None, max_events: int | None,
-    on_started: Callable[[str], None] | None, status_path: Path | None,
+    on_started: Callable[[str], None] | None, status_path: Path | None, rest_url: str | None = None,
 ) -> dict[str, object]:
     import httpx
 
@@ -167,7 +188,7 @@ def _run_with_status(
     holder: list[Connector] = []
 
     def shards() -> list[ShardStats]:
-        return holder[0].stats if holder else []
+        return [st for conn in holder for st in conn.stats]
 
     app_ = status_app(session, metrics, shards)
     status_file = None if status_path is None else StatusFile(
@@ -181,8 +202,16 @@ def _run_with_status(
         if status_file is not None:
             status_file.start()
         try:
-            result = asyncio.run(run_live(cfg, ws, session, metrics, connector=holder, duration_s=duration_s,
-                                          max_events=max_events))
+            if cfg.live.workers:
+                summary = _run_sharded(cfg, ws, session, metrics, duration_s, max_events, rest_url)
+            else:
+                from cambium.market.binance_rest import RestClient
+                from cambium.market.config import RestConfig
+
+                rest = None if rest_url is None else RestClient("futures", RestConfig(futures_url=rest_url))
+                result = asyncio.run(run_live(cfg, ws, session, metrics, connector=holder, duration_s=duration_s,
+                                              max_events=max_events, rest=rest))
+                summary = f"{result.events:,} events, {result.rank_events} rank events"
         finally:
             if status_file is not None:
                 status_file.stop()
@@ -190,9 +219,26 @@ def _run_with_status(
         status["metrics"] = httpx.get(f"{url}/metrics", timeout=10).text
     finally:
         server.stop()
-    console.print(f"{result.events:,} events, {result.rank_events} rank events; p95 frame→decision "
-                  f"{status['p95_latency_ms']} ms")
+    console.print(f"{summary}; p95 frame→decision {status['p95_latency_ms']} ms")
     return status
+
+
+def _run_sharded(cfg: ScreenerConfig, ws: WsConfig, session: Session, metrics: ScreenerMetrics,
+                 duration_s: float | None, max_events: int | None, rest_url: str | None) -> str:
+    """`live.workers` worker processes feeding this process's ranker (cambium.screener.shards)."""
+    from cambium.screener.shards import ShardedRunner
+
+    runner = ShardedRunner(cfg, ws, session, workers=cfg.live.workers, rest_url=rest_url,
+                           redis_url=os.environ.get("REDIS_URL") or None, metrics=metrics)
+    metrics.watch(workers=runner.shard_stats)  # the workers' frames, drops and restarts on /metrics
+
+    def enough(r: ShardedRunner) -> bool:
+        return max_events is not None and sum(s["events"] for s in r.shard_stats()) >= max_events
+
+    res = runner.run(duration_s=duration_s, until=enough)
+    events = sum(s["events"] for s in res.shards)
+    return (f"{events:,} events over {cfg.live.workers} workers ({res.restarts} restarts, dropped {res.dropped}), "
+            f"{len(res.rank_events)} rank events, {len(session.pipeline.ranker.scores())} symbols scored")
 
 
 @app.command("record")
@@ -202,11 +248,20 @@ def record_command(
     set_: list[str] = SetOpt,
     duration: float | None = typer.Option(None, help="Stop after this many seconds (default: until Ctrl-C)."),
 ) -> None:
-    """Record the screener's live streams (config live.symbols × features.streams) for later `replay`."""
+    """Record the screener's live streams (config live.symbols × features.streams; "all": exchangeInfo's symbols now)
+    for later `replay`."""
     from cambium.market.cli import record_command as market_record
 
     cfg = _config(config, set_)
-    market_record(out, streams=",".join(cfg.live.streams(cfg.features.streams)), market="futures",
+    symbols = None
+    if cfg.live.symbols == "all":  # the universe as live mode would watch it now (one exchangeInfo read)
+        from cambium.market.binance_rest import RestClient
+        from cambium.screener.universe import EXCHANGE_INFO_WEIGHT, Universe
+
+        with RestClient("futures") as client:
+            symbols = Universe(cfg.live.universe,
+                               lambda: client.get("/exchangeInfo", weight=EXCHANGE_INFO_WEIGHT)).bootstrap()
+    market_record(out, streams=",".join(cfg.live.streams(cfg.features.streams, symbols)), market="futures",
                   duration=duration, max_frames=None, config=None, overrides=[])
 
 

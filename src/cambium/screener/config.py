@@ -6,11 +6,13 @@ the shipped configs/screener/default.toml spells all of them out.
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import Field, model_validator
 
 from cambium.core.config import ConfigModel
+from cambium.core.errors import ConfigError
 
 __all__ = [
     "CONFIG_MODEL",
@@ -28,6 +30,7 @@ __all__ = [
     "TelegramConfig",
     "TerminalConfig",
     "TrainConfig",
+    "UniverseConfig",
     "WebhookConfig",
 ]
 
@@ -161,6 +164,10 @@ class ExplainConfig(ConfigModel):
     )
     llm_model: str = Field("local", description="Model name sent in the request.")
     llm_timeout_s: float = Field(2.0, gt=0.0, description="Seconds to wait for the LLM before using the template.")
+    llm_api_key_env: str = Field("", pattern=r"^([A-Za-z_][A-Za-z0-9_]*)?$", description="Name of the environment "
+                                 "variable holding the endpoint's API key, sent as `Authorization: Bearer <key>` "
+                                 "(hosted OpenAI-compatible endpoints need one); empty: no key (a local server). The "
+                                 "key itself never goes in a config file.")
     max_headline_chars: int = Field(80, ge=16, description="Longest allowed headline.")
     max_subtext_chars: int = Field(280, ge=16, description="Longest allowed subtext.")
     max_tooltip_chars: int = Field(160, ge=16, description="Longest allowed tooltip text.")
@@ -183,6 +190,18 @@ class SenderConfig(ConfigModel):
         1000, ge=1, description="Bounded queue; events offered when it is full are dropped (counted)."
     )
     timeout_s: float = Field(5.0, gt=0.0, description="HTTP timeout per request, seconds.")
+    max_retries: int = Field(3, ge=0, le=20, description="Retries of one event after a connection error, a timeout, "
+                             "an HTTP 5xx or a 429 with a retry delay (other 4xx are final); then it is dropped "
+                             "(counted by reason).")
+    retry_base_s: float = Field(0.5, gt=0.0, description="Retry back-off scale: the n-th wait is uniform on "
+                                "[0, min(retry_cap_s, retry_base_s·2^n)] seconds.")
+    retry_cap_s: float = Field(30.0, gt=0.0, description="Longest wait before a retry, seconds.")
+
+    @model_validator(mode="after")
+    def _retry_cap(self) -> SenderConfig:
+        if self.retry_cap_s < self.retry_base_s:
+            raise ValueError(f"retry_cap_s={self.retry_cap_s} must be >= retry_base_s={self.retry_base_s}")
+        return self
 
 
 class WebhookConfig(SenderConfig):
@@ -265,10 +284,36 @@ class FeatureConfig(ConfigModel):
         return self
 
 
+class UniverseConfig(ConfigModel):
+    """`live.symbols = "all"`: which exchangeInfo symbols are watched, and how often the list is re-read."""
+
+    quote_assets: tuple[str, ...] = Field(("USDT",), min_length=1, description="Quote assets kept.")
+    contract_types: tuple[str, ...] = Field(("PERPETUAL",), min_length=1, description="contractType values kept.")
+    statuses: tuple[str, ...] = Field(("TRADING",), min_length=1, description="status values kept.")
+    exclude: tuple[str, ...] = Field((), description="Symbols never watched, whatever exchangeInfo says.")
+    max_symbols: int | None = Field(None, ge=1, description="Watch at most this many (the first in name order); "
+                                    "unset: every symbol that passes the filters.")
+    refresh_s: float = Field(3600.0, ge=1.0, description="Seconds between exchangeInfo reads; listings and "
+                             "delistings found are subscribed/unsubscribed.")
+
+
 class LiveConfig(ConfigModel):
     """Live mode: which symbols and streams to subscribe to, and where the status page listens."""
 
-    symbols: tuple[str, ...] = Field(("BTCUSDT", "ETHUSDT"), min_length=1, description="USDⓈ-M symbols to watch.")
+    symbols: tuple[str, ...] | Literal["all"] = Field(
+        "all", description='USDⓈ-M symbols to watch, or "all": every symbol exchangeInfo lists that passes '
+        "`live.universe` (re-read every universe.refresh_s).")
+    universe: UniverseConfig = Field(default_factory=UniverseConfig, description='Filters of symbols = "all".')
+    workers: int = Field(0, ge=0, le=64, description="0: one process (connector, features, model and ranker); N: "
+                         "N worker processes, symbols sharded between them by a hash of the name, feeding one ranker "
+                         "in the parent (transport: Redis Streams when REDIS_URL is set, pipes otherwise).")
+    worker_restarts: int = Field(10, ge=0, description="How often a dead worker is restarted (its books resynced "
+                                 "from REST snapshots) before the run stops with an error.")
+    shed_backlog: int = Field(2_000, ge=1, description="Frames waiting in a process's receive queue at which load "
+                              "is shed: the depth diffs of the least active symbols are dropped (counted under "
+                              "dropped['shed_depth']) until the backlog halves.")
+    shed_fraction: float = Field(0.25, gt=0.0, le=1.0, description="Share of a process's symbols (least active "
+                                 "first) whose depth diffs are dropped while it sheds load.")
     trade_stream: Literal["trade", "aggTrade"] = Field("aggTrade", description="Stream carrying trades.")
     depth_stream: Literal["depth@100ms", "depth@0ms", "depth"] = Field("depth@100ms", description="Depth diffs.")
     status_port: int = Field(0, ge=0, le=65535, description="Status page port on 127.0.0.1 (0 = any free port).")
@@ -282,10 +327,26 @@ class LiveConfig(ConfigModel):
                             "(modules, config, model) out of Python's full garbage collections (gc.freeze), whose "
                             "pauses otherwise grow with them and set the latency tail.")
 
-    def streams(self, kinds: tuple[str, ...]) -> list[str]:
-        """Stream names for the feature streams `kinds` (bookTicker, trade, depth) of every symbol."""
+    @model_validator(mode="after")
+    def _named_symbols(self) -> LiveConfig:
+        if isinstance(self.symbols, tuple):
+            if not self.symbols:
+                raise ValueError('symbols must name at least one symbol, or be "all"')
+            bad = [s for s in self.symbols if not re.fullmatch(r"[A-Z0-9_]{1,32}", s)]
+            if bad:
+                raise ValueError(f"symbols {bad[:3]} are not USDⓈ-M symbol names (A-Z, 0-9, _; e.g. BTCUSDT)")
+        return self
+
+    def streams(self, kinds: tuple[str, ...], symbols: tuple[str, ...] | list[str] | None = None) -> list[str]:
+        """Stream names for the feature streams `kinds` (bookTicker, trade, depth) of `symbols` (default: the
+        configured ones, which must then be named, not "all")."""
+        if symbols is None:
+            if self.symbols == "all":
+                raise ConfigError('live.symbols="all" is resolved from exchangeInfo (cambium.screener.universe): '
+                                  "pass the resolved symbols")
+            symbols = self.symbols
         suffix = {"bookTicker": "bookTicker", "trade": self.trade_stream, "depth": self.depth_stream}
-        return [f"{s.lower()}@{suffix[k]}" for s in self.symbols for k in kinds]
+        return [f"{s.lower()}@{suffix[k]}" for s in symbols for k in kinds]
 
 
 class LightGBMConfig(ConfigModel):

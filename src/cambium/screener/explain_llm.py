@@ -6,26 +6,35 @@ asks it with a timeout, validates the answer with `explain.validate_output` and 
 template on any failure (timeout, transport error, malformed JSON, a rule broken), counting why. With
 `llm_enabled = false` (the default) no request is ever made. `BackgroundExplainer` runs an Explainer on its own event
 loop thread so callers on the scoring path only enqueue work: the scores never wait for, nor depend on, the LLM.
+
+Hosted endpoints need an API key: `explain.llm_api_key_env` names the environment variable that holds it (the key
+itself is never in a config file); it is sent as `Authorization: Bearer <key>`, and an Explainer whose named variable
+is unset or empty is refused at construction, in one line. `OpenAICompatibleLLM` keeps one `httpx.AsyncClient`
+(connection pool, TLS session) for its lifetime, created on first use on the loop that uses it; `aclose` ends it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import os
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 import httpx
 import orjson
 
-from cambium.core.errors import ProtocolError
+from cambium.core.errors import ConfigError, ProtocolError
 from cambium.screener.config import ExplainConfig
 from cambium.screener.contracts import STATUSES, ExplainInput, ExplainOutput, decode
 from cambium.screener.explain import render_input, template_output, validate_output
 
-__all__ = ["BackgroundExplainer", "ExplainLLM", "Explainer", "Explanation", "OpenAICompatibleLLM", "build_messages"]
+__all__ = ["BackgroundExplainer", "ExplainLLM", "Explainer", "Explanation", "OpenAICompatibleLLM", "api_key",
+           "build_messages"]
 
 
 class ExplainLLM(Protocol):
@@ -54,20 +63,36 @@ def build_messages(inp: ExplainInput, cfg: ExplainConfig) -> list[dict[str, str]
 
 
 class OpenAICompatibleLLM:
-    """POSTs `{"model", "messages", "temperature": 0}` to `url` and returns choices[0].message.content."""
+    """POSTs `{"model", "messages", "temperature": 0}` to `url` and returns choices[0].message.content; with
+    `api_key`, sends it as `Authorization: Bearer`. One HTTP client for the object's lifetime (`aclose` ends it)."""
 
-    def __init__(self, url: str, model: str, timeout_s: float, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, url: str, model: str, timeout_s: float, headers: dict[str, str] | None = None, *,
+                 api_key: str | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url
         self.model = model
         self.timeout_s = timeout_s
-        self.headers = headers or {}
+        self.headers = {"content-type": "application/json", **(headers or {})}
+        if api_key:
+            self.headers["authorization"] = f"Bearer {api_key}"
+        self.transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self.clients_made = 0
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None or self._client.is_closed:
+            self._client = httpx.AsyncClient(timeout=self.timeout_s, transport=self.transport)
+            self.clients_made += 1
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def complete(self, messages: list[dict[str, str]]) -> str:
         body = {"model": self.model, "messages": messages, "temperature": 0,
                 "response_format": {"type": "json_object"}}
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
-            response = await client.post(self.url, content=orjson.dumps(body),
-                                         headers={"content-type": "application/json", **self.headers})
+        response = await self._http().post(self.url, content=orjson.dumps(body), headers=self.headers)
         if response.status_code != 200:
             raise ProtocolError(f"LLM endpoint {self.url} answered HTTP {response.status_code}")
         try:
@@ -91,10 +116,13 @@ def _strip_fence(text: str) -> str:
 class Explainer:
     """Template always; the LLM's answer instead when enabled, in time and valid. `counts` says what happened."""
 
-    def __init__(self, cfg: ExplainConfig | None = None, llm: ExplainLLM | None = None) -> None:
+    def __init__(self, cfg: ExplainConfig | None = None, llm: ExplainLLM | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
+        """`env` (default `os.environ`) holds the API key variable that `cfg.llm_api_key_env` names."""
         self.cfg = cfg or ExplainConfig()
         if llm is None and self.cfg.llm_enabled:
-            llm = OpenAICompatibleLLM(self.cfg.llm_url, self.cfg.llm_model, self.cfg.llm_timeout_s)
+            llm = OpenAICompatibleLLM(self.cfg.llm_url, self.cfg.llm_model, self.cfg.llm_timeout_s,
+                                      api_key=api_key(self.cfg, os.environ if env is None else env))
         self.llm = llm if self.cfg.llm_enabled else None
         self.counts: Counter[str] = Counter()
 
@@ -126,6 +154,19 @@ class Explainer:
         return Explanation(template_output(inp, self.cfg), "template", (why, *problems))
 
 
+def api_key(cfg: ExplainConfig, env: Mapping[str, str]) -> str | None:
+    """The LLM API key from the variable `cfg.llm_api_key_env` names (None when it names none); ConfigError when
+    the named variable is unset or empty."""
+    name = cfg.llm_api_key_env
+    if not name:
+        return None
+    key = env.get(name, "")
+    if not key:
+        raise ConfigError(f"explain.llm_api_key_env names {name}, which is unset or empty: export the API key "
+                          "in it, or set llm_api_key_env = \"\" for an endpoint without a key")
+    return key
+
+
 class BackgroundExplainer:
     """Runs an Explainer on a private event-loop thread; `submit` never blocks the caller."""
 
@@ -139,6 +180,10 @@ class BackgroundExplainer:
         return asyncio.run_coroutine_threadsafe(self.explainer.explain(inp), self._loop)
 
     def close(self) -> None:
+        closer = getattr(self.explainer.llm, "aclose", None)
+        if closer is not None and self._loop.is_running():
+            with contextlib.suppress(Exception):  # the HTTP client's pool; nothing to report at shutdown
+                asyncio.run_coroutine_threadsafe(closer(), self._loop).result(timeout=5)
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)

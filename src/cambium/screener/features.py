@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from cambium.market.events import MarketEvent
 from cambium.screener.book import OrderBook
@@ -217,8 +217,11 @@ def _zscore(s: SymbolState) -> float | None:
 class FeatureEngine:
     """Feed MarketEvents in arrival order with `on_event`; call `flush` at the end of a recording."""
 
-    def __init__(self, cfg: FeatureConfig | None = None) -> None:
+    def __init__(self, cfg: FeatureConfig | None = None, owns: Callable[[str], bool] | None = None) -> None:
+        """`owns`, if given, selects the symbols this engine keeps state for (a shard of the sharded replay): every
+        event still moves the clock, so bars close where an engine of every symbol closes them."""
         self.cfg = cfg or FeatureConfig()
+        self.owns = owns
         self.symbols: dict[str, SymbolState] = {}
         self.bar_end: int | None = None
         self.clock = -(2**62)
@@ -272,6 +275,8 @@ class FeatureEngine:
             bar_end = self._close_bars(clock, out)
         if ev.ts <= bar_end - self.cfg.cadence_ms:
             self.late_events += 1
+        if self.owns is not None and not self.owns(ev.symbol):
+            return out
         state = self.symbols.get(ev.symbol)
         if state is None:
             state = self.symbols[ev.symbol] = SymbolState(ev.symbol, self.cfg, ev.ts)

@@ -22,7 +22,7 @@ from cambium.screener.digest import ReplayDigest
 from cambium.screener.explain import ALERT_EVENTS, alert_input, with_explanation
 from cambium.screener.explain_llm import BackgroundExplainer, Explainer, Explanation
 from cambium.screener.model_runner import ModelRunner
-from cambium.screener.notify import TelegramNotifier, WebhookNotifier
+from cambium.screener.notify import RetryPolicy, TelegramNotifier, WebhookNotifier
 from cambium.screener.ranker import Ranker
 from cambium.screener.scorer import Scored, Scorer
 from cambium.screener.storage import ScreenerStore
@@ -49,7 +49,8 @@ def build_notifiers(cfg: NotifyConfig, env: Mapping[str, str], top_k: int = 20) 
         out.append(table)
     if cfg.webhook.enabled:
         w = cfg.webhook
-        out.append(WebhookNotifier(w.url, w.rate_per_s, w.burst, w.queue_size, w.timeout_s))
+        out.append(WebhookNotifier(w.url, w.rate_per_s, w.burst, w.queue_size, w.timeout_s,
+                                   retry=RetryPolicy.from_config(w)))
     if cfg.telegram.enabled:
         t = cfg.telegram
         token = env.get(t.token_env, "")
@@ -57,7 +58,7 @@ def build_notifiers(cfg: NotifyConfig, env: Mapping[str, str], top_k: int = 20) 
             raise ConfigError(f"notify.telegram.enabled=true but the environment variable {t.token_env} "
                               "(notify.telegram.token_env) holding the bot token is empty or unset")
         out.append(TelegramNotifier(t.api_url, token, t.chat_id, t.events, t.rate_per_s, t.burst, t.queue_size,
-                                    t.timeout_s))
+                                    t.timeout_s, retry=RetryPolicy.from_config(t)))
     return out
 
 
@@ -81,18 +82,27 @@ class Pipeline:
 
     def step(self, ts: int, snapshots: Iterable[FeatureSnapshot]) -> list[RankEvent]:
         """One cadence tick at time `ts`: predict and score every snapshot, update the ranking, fan the events out."""
-        scored: list[Scored] = []
-        snaps = list(snapshots)
+        return self.decide(ts, self.predict(list(snapshots)))
+
+    def predict(self, snaps: list[FeatureSnapshot]) -> list[tuple[FeatureSnapshot, PredictionSnapshot]]:
+        """The model half of a step (what a shard worker runs): the snapshots of one tick predicted in one batch."""
         try:
-            done = list(zip(snaps, self.runner.predict_batch(snaps), strict=True))
+            return list(zip(snaps, self.runner.predict_batch(snaps), strict=True))
         except CambiumError:
-            done = self._one_by_one(snaps)
+            return self._one_by_one(snaps)
+
+    def decide(self, ts: int,
+               done: Iterable[tuple[FeatureSnapshot | None, PredictionSnapshot]]) -> list[RankEvent]:
+        """The ranking half of a step (what the sharded runner's parent runs on the workers' predictions, with no
+        snapshot): score, rank, store, digest, notify."""
+        scored: list[Scored] = []
         predictions: list[PredictionSnapshot] = []
         for snap, pred in done:
             predictions.append(pred)
             scored.append(Scored(pred.ts, pred.symbol, self.scorer.score(pred), pred.status, pred.reasons))
             if self.store is not None:
-                self.store.write(snap)
+                if snap is not None:
+                    self.store.write(snap)
                 self.store.write(pred)
         self.counts["snapshots"] += len(predictions)
         for sc in scored:

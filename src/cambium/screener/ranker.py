@@ -56,6 +56,10 @@ class Ranker:
         """Current list as (symbol, score), best first (for display; the wire only carries deltas)."""
         return [(s, self._latest[s].score) for s in self._order()]
 
+    def scores(self) -> dict[str, float]:
+        """The latest score of every symbol the ranker has been fed, listed or not."""
+        return {s: item.score for s, item in self._latest.items()}
+
     def effective_score(self, item: Scored) -> float:
         return 0.0 if item.status == "DATA_ISSUE" else item.score
 

@@ -25,7 +25,7 @@ from cambium.core.config import fingerprint
 from cambium.core.errors import CambiumError, DataError
 from cambium.market.events import MarketEvent
 from cambium.screener.config import ScreenerConfig
-from cambium.screener.contracts import FeatureSnapshot, RankEvent
+from cambium.screener.contracts import FeatureSnapshot, PredictionSnapshot, RankEvent
 from cambium.screener.features import FeatureEngine
 from cambium.screener.pipeline import Notifier, Pipeline
 from cambium.screener.scorer import Scored
@@ -90,12 +90,26 @@ class Session:
                     start = i
                     continue
                 self._last_tick = tick[0].ts
-                out.extend(self.pipeline.step(tick[0].ts, tick))
+                out.extend(self._step(tick[0].ts, tick))
                 for snap in tick:
                     self.latest[snap.symbol] = snap
                 start = i
         self.snapshots += len(snapshots)
         return out
+
+    def _step(self, ts: int, tick: list[FeatureSnapshot]) -> list[RankEvent]:
+        """One tick through the pipeline (a shard worker's session predicts only, see cambium.screener.shards)."""
+        return self.pipeline.step(ts, tick)
+
+    def on_predictions(self, ts: int, predictions: list[PredictionSnapshot]) -> list[RankEvent]:
+        """A tick predicted by shard workers (their predictions merged, in symbol order) into score → rank: the
+        sharded runner's parent session. A tick older than one already ranked is dropped, as in `_ticks`."""
+        if self._last_tick is not None and ts < self._last_tick:
+            self.out_of_order += len(predictions)
+            return []
+        self._last_tick = ts
+        self.snapshots += len(predictions)
+        return self.pipeline.decide(ts, [(None, p) for p in predictions])
 
     @property
     def digest(self) -> str:
