@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,16 @@ from cambium.worldmodel.training import CandleSeries
 T0 = 1757750400000  # 2025-09-13 08:00 UTC, a Saturday
 HOUR = 3_600_000
 KLINES = Path(__file__).resolve().parents[2] / "data" / "samples" / "market" / "klines_1h_futures"
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for the test (restored after): small ops on a loaded 2-core machine run ~10x slower with two
+    (oversubscription)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def read_klines(path: Path) -> CandleSeries:

@@ -44,7 +44,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("wm_runs")
     cfg = micro_cfg()
-    return root, cfg, run_pipeline(cfg, root, show_progress=False)
+    return root, cfg, run_pipeline(cfg, root, stop_phase=7, show_progress=False)  # 8-9: test_agents_pipeline
 
 
 def test_every_phase_writes_its_files_and_metrics(finished) -> None:
@@ -210,13 +210,13 @@ def test_resume_raises_strate2_steps_of_a_finished_run_and_refuses_a_changed_mod
     run_dir = tmp_path / "runs"
     # Checkpoints rotate across phases: enough are kept for Strate III's not to push out Strate II's last one.
     keep = "pipeline.keep_checkpoints=10"
-    result = run_pipeline(micro_cfg(keep), run_dir, show_progress=False)
+    result = run_pipeline(micro_cfg(keep), run_dir, stop_phase=7, show_progress=False)
     with pytest.raises(ConfigError, match=r"jepa\.encoder\.d_model"):
         run_pipeline(micro_cfg("jepa.encoder.d_model=32"), run_dir, resume=result.run_id, show_progress=False)
     assert get_run(run_dir, result.run_id).status == "finished"
     before = [(r.step, r.name, r.value) for r in read_metrics(run_dir / result.run_id / "metrics.duckdb")]
     longer = micro_cfg("train_jepa.steps=10", keep)
-    again = run_pipeline(longer, run_dir, resume=result.run_id, show_progress=False)
+    again = run_pipeline(longer, run_dir, resume=result.run_id, stop_phase=7, show_progress=False)
     assert again.phases_done == [1, 2, 3, 4, 5, 6, 7]
     rows = read_metrics(run_dir / result.run_id / "metrics.duckdb")
     steps = phase_steps(longer)
@@ -259,7 +259,7 @@ def test_intermediates_edited_between_phases_are_refused_naming_the_file(tmp_pat
     save_file(state, first.run_dir / "tokenizer.safetensors")
     with pytest.raises(DataError, match=r"tokenizer\.safetensors: sha256 .*--start-phase 2"):
         run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=3, show_progress=False)
-    redone = run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=2, show_progress=False)
+    redone = run_pipeline(cfg, tmp_path, resume=first.run_id, start_phase=2, stop_phase=7, show_progress=False)
     assert redone.phases_done == [1, 2, 3, 4, 5, 6, 7]
     paths = redone.run_dir / "futures" / "paths.npy"
     arr = np.load(paths)

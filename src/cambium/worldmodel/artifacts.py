@@ -40,7 +40,9 @@ PHASES_FILE = "phases.json"
 # The files each phase leaves for later phases (relative to the run directory), hashed into phases.json.
 PHASE_OUTPUTS: dict[int, tuple[str, ...]] = {1: ("data/import.json",), 2: ("tokenizer.safetensors",),
                                              3: ("codes/index.json",), 4: ("jepa.safetensors",),
-                                             5: ("flow.safetensors",), 6: ("futures/paths.npy", "futures/origins.json")}
+                                             5: ("flow.safetensors",), 6: ("futures/paths.npy", "futures/origins.json"),
+                                             8: ("agents/holdout.npz", "agents/agents.json", "agents/ppo.safetensors",
+                                                 "agents/tdmpc.safetensors")}
 _MAKER = {name: phase for phase, names in PHASE_OUTPUTS.items() for name in names}
 
 

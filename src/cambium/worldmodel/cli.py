@@ -30,10 +30,10 @@ def pipeline_command(
     runs_dir: Path = RUNS,
     resume: str | None = options.RESUME,
     device: str | None = options.DEVICE,
-    start_phase: int | None = typer.Option(None, min=1, max=7, help="First phase (1 import, 2 Strate I, "
-                                           "3 pretokenize, 4 Strate II, 5 Strate III, 6 sample futures, 7 evaluate); "
-                                           "> 1 needs --resume."),
-    stop_phase: int = typer.Option(7, min=1, max=7, help="Last phase to run."),
+    start_phase: int | None = typer.Option(None, min=1, max=9, help="First phase (1 import, 2 Strate I, "
+                                           "3 pretokenize, 4 Strate II, 5 Strate III, 6 sample futures, 7 evaluate, "
+                                           "8 agents, 9 backtest); > 1 needs --resume."),
+    stop_phase: int = typer.Option(9, min=1, max=9, help="Last phase to run."),
 ) -> None:
     """Run the world-model pipeline (a new run, or --resume one exactly where it stopped)."""
     from cambium.core.loop import load_run_config
@@ -76,7 +76,8 @@ def _print_result(result: object) -> None:
     shown = ["tokenizer/codebook_usage/holdout", "tokenizer/perplexity/holdout", "jepa/loss", "probe/latent/r2",
              "probe/raw/r2", "probe/latent/accuracy", "probe/raw/accuracy", "probe/majority_accuracy",
              "flow/loss", "forecast/h1/cambium/crps", "forecast/h1/garch/crps", "forecast/h24/cambium/crps",
-             "forecast/h24/garch/crps"]
+             "forecast/h24/garch/crps", "backtest/ppo/sharpe", "backtest/tdmpc/sharpe", "backtest/buy_and_hold/sharpe",
+             "backtest/momentum/sharpe"]
     console.print(f"run {result.run_id}: phases done {result.phases_done}; "
                   + ", ".join(f"{k}={s[k]:.4g}" for k in shown if k in s))
     report = result.run_dir / "report" / "report.md"
@@ -86,7 +87,8 @@ def _print_result(result: object) -> None:
 
 def demo(runs_dir: Path = Path("runs")) -> None:
     """The tiny pipeline on the committed candles with fewer steps (300 Strate I, 150 Strate II, 100 Strate III, 16
-    futures per origin) through the forecast report; prints where the report is."""
+    futures per origin; tiny's agents: 1024 PPO and 64 TD-MPC2 steps) through the backtest report; prints where the
+    report is."""
     from cambium.worldmodel.pipeline import run_pipeline
 
     path = Path("configs/worldmodel/tiny.toml")

@@ -15,20 +15,26 @@ from pydantic import Field, model_validator
 
 from cambium.core.config import RESUME_SAFE, ConfigModel
 from cambium.core.loop import LoopConfig
+from cambium.worldmodel.multiverse import MultiverseConfig
+from cambium.worldmodel.tdmpc import TDMPCConfig
 
 __all__ = [
     "ALIGNED_HEAD_DIM",
     "ALIGNMENT_ENFORCED_SIZES",
     "CONFIG_MODEL",
+    "AgentsConfig",
     "AlignmentWarning",
+    "BacktestConfig",
     "DataConfig",
     "EMAConfig",
     "EncoderConfig",
+    "EnvConfig",
     "EvalConfig",
     "FlowConfig",
     "ForecastConfig",
     "JEPAConfig",
     "MaskingConfig",
+    "PPOConfig",
     "PipelineConfig",
     "PredictorConfig",
     "TokenizerConfig",
@@ -296,6 +302,97 @@ class ForecastConfig(ConfigModel):
         return self
 
 
+class EnvConfig(ConfigModel):
+    """Strate IV trading environment (`cambium.worldmodel.env`): costs of trading real candles, episodes."""
+
+    order_type: Literal["taker", "maker"] = Field("taker", description="which fee every rebalancing pays")
+    taker_fee: float = Field(0.0005, ge=0, lt=0.1, allow_inf_nan=False,
+                             description="fee per unit of notional traded as taker (Binance USDⓈ-M: 0.05 %)")
+    maker_fee: float = Field(0.0002, ge=0, lt=0.1, allow_inf_nan=False,
+                             description="fee per unit of notional traded as maker (Binance USDⓈ-M: 0.02 %)")
+    slippage: Literal["range", "spread", "none"] = Field(
+        "range", description="slippage model: a fraction of the decision bar's (high − low) / close, a fixed half "
+        "spread, or none")
+    range_fraction: float = Field(0.05, ge=0, le=1, allow_inf_nan=False,
+                                  description="slippage = range: share of the bar's relative range paid per unit "
+                                  "traded")
+    half_spread_bps: float = Field(1.0, ge=0, allow_inf_nan=False,
+                                   description="slippage = spread: half spread in basis points paid per unit traded")
+    funding_glob: str = Field(
+        "data/samples/market/funding_futures/*.csv.gz", description="glob of funding-rate history files (one per "
+        "symbol, named SYMBOL.csv.gz: funding_time or timestamp, funding_rate); empty = no funding history")
+    missing_funding: Literal["zero", "refuse"] = Field(
+        "zero", description="bars outside a symbol's funding history (or of a symbol without a file): funding 0 "
+        "(counted in the report as funding_missing_bars) or refuse the run")
+    decision_bars: int = Field(1, ge=1, description="bars per step: the target position is held this many bars "
+                               "(the reward sums their net returns)")
+    episode_bars: int = Field(720, ge=2, description="bars per training episode (random start inside a segment)")
+    reward_scale: float = Field(100.0, gt=0, allow_inf_nan=False,
+                                description="reward = net return of the bar × reward_scale (backtests use returns)")
+
+
+class PPOConfig(ConfigModel):
+    """PPO (stable-baselines3) on the trading environment's training window."""
+
+    steps: int = Field(20_000, ge=1, description="environment steps of training (total_timesteps)")
+    n_envs: int = Field(1, ge=1, description="copies of the environment stepped together (each its own seed)")
+    n_steps: int = Field(512, ge=2, description="steps per environment per rollout")
+    batch_size: int = Field(128, ge=2, description="minibatch size of the PPO update")
+    n_epochs: int = Field(4, ge=1, description="passes over each rollout")
+    lr: float = Field(3e-4, gt=0, allow_inf_nan=False, description="Adam learning rate")
+    gamma: float = Field(0.99, gt=0, le=1, allow_inf_nan=False, description="discount factor")
+    gae_lambda: float = Field(0.95, gt=0, le=1, allow_inf_nan=False, description="GAE λ")
+    clip_range: float = Field(0.2, gt=0, allow_inf_nan=False, description="PPO ratio clip")
+    ent_coef: float = Field(0.0, ge=0, allow_inf_nan=False, description="entropy bonus weight")
+    hidden: tuple[int, ...] = Field((64, 64), description="hidden widths of the policy and value MLPs")
+
+    @model_validator(mode="after")
+    def _check(self) -> PPOConfig:
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            raise ValueError(f"hidden={list(self.hidden)} must be a non-empty list of widths >= 1")
+        return self
+
+
+class AgentsConfig(ConfigModel):
+    """Phase 8: per-bar features from the trained models, agents trained on the training window only."""
+
+    kinds: tuple[Literal["ppo", "tdmpc"], ...] = Field(("ppo", "tdmpc"), description="agents trained and backtested")
+    train_bars: int | None = Field(None, ge=64, description="the latest bars of each segment's training window the "
+                                   "agents train on (None = all of it)")
+    tdmpc_steps: int = Field(5000, ge=1, description="environment steps of TD-MPC2's training (`tdmpc` section)")
+    scaling: Literal["none", "convergence", "convergence_rank"] = Field(
+        "convergence", description="Multiverse position scaling (the unscaled agent stays as a baseline): none, the "
+        "bar's convergence in [0, 1], or its rank among the training bars' convergences (the empirical CDF, in "
+        "[0, 1]: a score that sits near 1 everywhere still spreads)")
+    multiverse_features: bool = Field(True, description="put the Multiverse features (convergence, bifurcation, "
+                                      "Lyapunov proxy) of each bar into the observation")
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentsConfig:
+        if not self.kinds or len(set(self.kinds)) != len(self.kinds):
+            raise ValueError(f"kinds={list(self.kinds)} must list each agent at most once, at least one")
+        return self
+
+
+class BacktestConfig(ConfigModel):
+    """Phase 9 (WM-7): hold-out backtest after fees, baselines, stationary block bootstrap, bias check."""
+
+    bootstrap_samples: int = Field(1000, ge=10, description="stationary bootstrap resamples of the return series")
+    block_bars: float = Field(168.0, ge=1, allow_inf_nan=False,
+                              description="mean block length (bars) of the stationary bootstrap (Politis–Romano)")
+    confidence: float = Field(0.9, gt=0, lt=1, allow_inf_nan=False, description="level of the percentile intervals")
+    momentum_bars: int = Field(168, ge=1, description="look-back of the time-series momentum baseline (sign of the "
+                               "return over these bars)")
+    random_hold_bars: int = Field(24, ge=1, description="the random policy draws a uniform position in [−1, 1] "
+                                  "every this many bars")
+    mirror_corr: float = Field(0.9, gt=0, le=1, allow_inf_nan=False,
+                               description="bias check: |correlation| with buy-and-hold's returns at or above this "
+                               "flags a mirror of buy-and-hold")
+    one_side_share: float = Field(0.95, gt=0.5, le=1, allow_inf_nan=False,
+                                  description="bias check: a policy long (or short) on at least this share of bars "
+                                  "is flagged as one-sided")
+
+
 class WorldModelConfig(ConfigModel):
     """Root config of `cambium worldmodel`."""
 
@@ -310,6 +407,20 @@ class WorldModelConfig(ConfigModel):
     forecast: ForecastConfig = Field(default_factory=ForecastConfig, description="WM-7 forecast evaluation")
     evaluation: EvalConfig = Field(default_factory=EvalConfig, description="WM-7 split and linear probes")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig, description="pipeline phases and checkpoints")
+    # The sections below are read by phases 8-9 only: a resume may change them, and phases.json's fingerprint of
+    # them then redoes those phases (`cambium.worldmodel.agents.AGENT_SECTIONS`).
+    env: EnvConfig = Field(default_factory=EnvConfig, description="Strate IV trading environment",
+                           json_schema_extra=RESUME_SAFE)
+    agents: AgentsConfig = Field(default_factory=AgentsConfig, description="phase 8: features and agents",
+                                 json_schema_extra=RESUME_SAFE)
+    ppo: PPOConfig = Field(default_factory=PPOConfig, description="PPO agent", json_schema_extra=RESUME_SAFE)
+    backtest: BacktestConfig = Field(default_factory=BacktestConfig, description="phase 9: hold-out backtest",
+                                     json_schema_extra=RESUME_SAFE)
+    tdmpc: TDMPCConfig = Field(default_factory=TDMPCConfig, description="TD-MPC2 agent and its MPPI planner",
+                               json_schema_extra=RESUME_SAFE)
+    multiverse: MultiverseConfig = Field(default_factory=MultiverseConfig,
+                                         description="WM-5 Multiverse Crossing features of each anchor",
+                                         json_schema_extra=RESUME_SAFE)
 
     @model_validator(mode="after")
     def _alignment(self) -> WorldModelConfig:

@@ -1,4 +1,4 @@
-"""`cambium worldmodel pipeline`: one run, seven phases, exact resume.
+"""`cambium worldmodel pipeline`: one run, nine phases, exact resume.
 
     1 import    kline files → candle store (validated, gap report) → chronological split with embargo
     2 strate1   train the FSQ tokenizer on the training window                  (checkpointed, resumable)
@@ -7,21 +7,26 @@
     5 strate3   train OT-CFM latent futures + the return head on training anchors (checkpointed, resumable)
     6 futures   N return paths sampled at every hold-out origin → <run>/futures/
     7 evaluate  linear probes and the forecast evaluation against the baselines (WM-7) → <run>/report/
+    8 agents    per-bar features (latents, Multiverse) of the agents' training window and the hold-out; PPO (and
+                TD-MPC2) trained on the training window only → <run>/agents/
+    9 backtest  agents and baselines on the hold-out after costs, bootstrap intervals, bias check → <run>/report/
 
 Every phase logs into the run's metrics.duckdb at its own global steps, so that `truncate_after` on resume never
 touches another phase's rows: phase 1 at step 1, phase 2 at 2 … S1 + 1, phase 3 at S1 + 2, phase 4 at S1 + 3 …
-S1 + 2 + S2, phase 5 at S1 + S2 + 3 … S1 + S2 + S3 + 2, phase 6 one step later, phase 7 one more. Names carry the
-phase (`import/`, `tokenizer/`, `pretokenize/`, `jepa/`, `flow/`, `futures/`, `probe/`, `forecast/`); wall-clock
+S1 + 2 + S2, phase 5 at S1 + S2 + 3 … S1 + S2 + S3 + 2, phase 6 one step later, phase 7 one more, phases 8 and 9
+one more each. Names carry the phase (`import/`, `tokenizer/`, `pretokenize/`, `jepa/`, `flow/`, `futures/`,
+`probe/`, `forecast/`, `agents/`, `backtest/`); wall-clock
 figures go under `perf/`. A phase starts from fixed seeds (seed · 100 + phase), so running it
 in a fresh process or after the earlier phases in one process gives the same numbers. `phases.json` lists the phases
 done (with the step counts of the training phases and the sha256 of each file a phase leaves for later ones, checked
 when they are read back: see `cambium.worldmodel.artifacts`); a resumed run continues with the first phase not done,
 or whose step count the resume raised (from the phase's latest checkpoint when it trains), and redoes every phase
-after it.
+after it. Phases 8 and 9 read only the sections `env`, `agents`, `ppo`, `tdmpc`, `multiverse` and `backtest`, which a
+resume may change: phases.json records their fingerprint, and a resume with other values redoes phases 8 and 9.
 
 Phases 2, 4 and 5 are `cambium.core.loop` tasks (`TokenizerTask`, `JEPATask`, `FlowTask`) that the run's session
-trains on `pipeline.device`, with a hold-out loss at every evaluation; phase 6 samples on that device too; phases 1, 3
-and 7 run on the CPU. Under torchrun the
+trains on `pipeline.device`, with a hold-out loss at every evaluation; phase 6 samples on that device too; phases 1, 3,
+7, 8 and 9 run on the CPU. Under torchrun the
 training phases run data parallel on every rank (the same global batches, each rank its rows) and rank 0 alone runs
 the other phases and writes the run's files.
 """
@@ -45,6 +50,7 @@ from cambium.core.files import file_sha256
 from cambium.core.loop import Session, open_session
 from cambium.core.progress import ProgressReporter, get_logger
 from cambium.core.runs import get_run
+from cambium.worldmodel.agents import agents_fingerprint, backtest_phase, train_agents
 from cambium.worldmodel.artifacts import (
     PHASE_OUTPUTS,
     PHASES_FILE,
@@ -76,8 +82,9 @@ from cambium.worldmodel.training import CandleSeries, JEPATask, TokenizerTask, s
 __all__ = ["LAST_PHASE", "PHASES", "Pipeline", "PipelineResult", "phase_steps", "phases_done", "run_pipeline"]
 
 log = get_logger("cambium.worldmodel.pipeline")
-PHASES = {1: "import", 2: "strate1", 3: "tokenize", 4: "strate2", 5: "strate3", 6: "futures", 7: "evaluate"}
-LAST_PHASE = 7
+PHASES = {1: "import", 2: "strate1", 3: "tokenize", 4: "strate2", 5: "strate3", 6: "futures", 7: "evaluate",
+          8: "agents", 9: "backtest"}
+LAST_PHASE = 9
 TRAINING_PHASES = (2, 4, 5)
 
 
@@ -86,7 +93,7 @@ def phase_steps(cfg: WorldModelConfig) -> dict[int, tuple[int, int]]:
     s1, s2, s3 = cfg.train_tokenizer.steps, cfg.train_jepa.steps, cfg.train_flow.steps
     end3 = s1 + s2 + s3 + 2
     return {1: (1, 1), 2: (2, s1 + 1), 3: (s1 + 2, s1 + 2), 4: (s1 + 3, s1 + 2 + s2), 5: (s1 + s2 + 3, end3),
-            6: (end3 + 1, end3 + 1), 7: (end3 + 2, end3 + 2)}
+            6: (end3 + 1, end3 + 1), 7: (end3 + 2, end3 + 2), 8: (end3 + 3, end3 + 3), 9: (end3 + 4, end3 + 4)}
 
 
 @dataclass
@@ -113,6 +120,8 @@ def phases_done(run_dir: Path, cfg: WorldModelConfig) -> list[int]:
     for p in sorted(record["done"]):
         if str(p) in wanted and steps.get(str(p)) != wanted[str(p)]:
             break
+        if p >= 8 and record.get("agents_config") != agents_fingerprint(cfg):
+            break  # the sections of phases 8-9 changed on resume (see AGENT_SECTIONS)
         out.append(p)
     return out
 
@@ -142,12 +151,14 @@ class Pipeline(RunArtifacts):
         self.session.metrics.flush()
         write_json(self.run.dir / PHASES_FILE, {"done": sorted({*[p for p in self.done() if p < phase], phase}),
                                                 "steps": _trained_steps(self.cfg),
+                                                "agents_config": agents_fingerprint(self.cfg),
                                                 "hashes": {**self._hashes_before(phase),
                                                            **output_hashes(self.run.dir, phase)}})
 
     def _unmark_from(self, phase: int) -> None:
         write_json(self.run.dir / PHASES_FILE, {"done": [p for p in self.done() if p < phase],
                                                 "steps": _trained_steps(self.cfg),
+                                                "agents_config": agents_fingerprint(self.cfg),
                                                 "hashes": self._hashes_before(phase)})
 
     def _seed(self, phase: int) -> torch.Generator:
@@ -369,11 +380,32 @@ class Pipeline(RunArtifacts):
         self._log(self.steps[7][0], int(probes["n_holdout"]), values)
         self._mark(7)
 
+    def phase_agents(self) -> None:
+        self._fresh_phase(8)
+        self._seed(8)
+        t0 = time.perf_counter()
+        _, split = self.segments()
+        values = train_agents(self, split, self.cfg.pipeline.seed * 100 + 8)
+        values["perf/agents/seconds"] = time.perf_counter() - t0
+        self._log(self.steps[8][0], int(values.get("agents/env_steps", 0)), values)
+        self._mark(8)
+
+    def phase_backtest(self) -> None:
+        self._fresh_phase(9)
+        self._seed(9)
+        t0 = time.perf_counter()
+        self.session.metrics.flush()
+        values = backtest_phase(self, self.cfg.pipeline.seed * 100 + 9)
+        values["perf/backtest/seconds"] = time.perf_counter() - t0
+        self._log(self.steps[9][0], int(values.get("backtest/portfolio_bars", 0)), values)
+        self._mark(9)
+
     def execute(self, start: int, stop: int) -> list[int]:
         phases: dict[int, Callable[[], None]] = {1: self.phase_import, 2: self.phase_strate1,
                                                  3: self.phase_tokenize, 4: self.phase_strate2,
                                                  5: self.phase_strate3, 6: self.phase_futures,
-                                                 7: self.phase_evaluate}
+                                                 7: self.phase_evaluate, 8: self.phase_agents,
+                                                 9: self.phase_backtest}
         if self.session.is_main:
             self._unmark_from(start)
         for phase in range(start, stop + 1):

@@ -17,13 +17,17 @@ import torch
 
 from cambium.core.metrics import read_metrics
 from cambium.worldmodel.artifacts import RunArtifacts
+from cambium.worldmodel.backtest import BASELINES, UNSCALED, BacktestResult
 from cambium.worldmodel.data import Split, holdout_part
 from cambium.worldmodel.evaluation import CodedSeries
 from cambium.worldmodel.features import CandleBatch
 from cambium.worldmodel.jepa import WorldModelJEPA
 from cambium.worldmodel.training import sample_windows
 
-__all__ = ["format_forecast_table", "format_probe_table", "write_report"]
+__all__ = ["AGENTS_MARKER", "format_backtest_table", "format_forecast_table", "format_probe_table",
+           "write_backtest_report", "write_report"]
+
+AGENTS_MARKER = "\n## Agents on the hold-out (phases 8–9, WM-4/5/7)\n"
 
 METHOD_NAMES = {"cambium": "cambium (Strate III)", "random_walk": "random walk", "gbm": "GBM, rolling vol",
                 "bootstrap": "historical bootstrap", "garch": "GARCH(1,1)-t"}
@@ -313,4 +317,130 @@ per origin time, Newey–West variance; a negative statistic means cambium's CRP
 """
     path = out / "report.md"
     path.write_text(text, encoding="utf-8")
+    return path
+
+
+_SCALING = {"none": "unscaled", "convergence": "scaled by the Multiverse convergence of the bar",
+            "convergence_rank": "scaled by the rank of the bar's Multiverse convergence among the training bars'"}
+
+
+def _policy_label(name: str) -> str:
+    return {"buy_and_hold": "buy-and-hold", "momentum": "time-series momentum", "random": "random policy"}.get(
+        name, name)
+
+
+def format_backtest_table(figures: dict[str, Any]) -> str:
+    """Markdown table: per policy the after-fee figures, the Sharpe's bootstrap interval and the bias check."""
+    level = figures["bootstrap"]["confidence"]
+    lines = [f"| policy | Sharpe | {level:.0%} CI | Sortino | max drawdown | annual return | turnover / yr | "
+             "ρ with B&H | β | long / short share | flags |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, f in figures["policies"].items():
+        ci, b = figures["bootstrap"]["sharpe"][name], f["bias"]
+        lines.append(f"| {_policy_label(name)} | {f['sharpe']:+.3f} | [{ci['low']:+.2f}, {ci['high']:+.2f}] | "
+                     f"{f['sortino']:+.3f} | {f['max_drawdown']:.1%} | {f['annual_return']:+.1%} | "
+                     f"{f['turnover']:.1f} | {b['corr']:+.3f} | {b['beta']:+.3f} | "
+                     f"{b['long_share']:.2f} / {b['short_share']:.2f} | {', '.join(b['flags']) or '–'} |")
+    return "\n".join(lines)
+
+
+def _backtest_verdict(figures: dict[str, Any]) -> str:
+    boot = figures["bootstrap"]
+    level = boot["confidence"]
+    agents = [n for n in figures["policies"] if n not in BASELINES and not n.endswith(UNSCALED)]
+    out = []
+    for a in agents:
+        parts = []
+        for key, d in boot["difference"].items():
+            if not key.startswith(f"{a} - "):
+                continue
+            other = key[len(a) + 3:]
+            where = ("above" if d["low"] > 0 else "below" if d["high"] < 0 else "not separated from")
+            parts.append(f"{_policy_label(other)}: Sharpe difference {level:.0%} CI [{d['low']:+.2f}, "
+                         f"{d['high']:+.2f}] — {where} it")
+        out.append(f"- **{a}**: " + "; ".join(parts) + ".")
+        flags = figures["policies"][a]["bias"]["flags"]
+        out.append(f"  Bias check: {'flagged: ' + ', '.join(flags) if flags else 'not flagged'}.")
+        if a + UNSCALED in figures["policies"]:
+            d = boot["difference"].get(f"{a} - {a + UNSCALED}")
+            s1, s0 = figures["policies"][a]["sharpe"], figures["policies"][a + UNSCALED]["sharpe"]
+            helped = "raised" if s1 > s0 else "did **not** raise"
+            sig = (f" (difference {level:.0%} CI [{d['low']:+.4f}, {d['high']:+.4f}]: "
+                   f"{'excludes' if d['low'] > 0 or d['high'] < 0 else 'includes'} 0)") if d else ""
+            out.append(f"  Multiverse scaling {helped} the Sharpe ({s0:+.4f} → {s1:+.4f}){sig}.")
+        beats = all(boot["difference"][f"{a} - {b}"]["low"] > 0 for b in ("buy_and_hold", "momentum"))
+        out.append(f"  Goal (CI above buy-and-hold and momentum): {'met' if beats else '**not met**'}.")
+    return "\n".join(out)
+
+
+def _equity_curves(result: BacktestResult, out: Path) -> None:
+    plt = _plt()
+    days = (result.times - result.times[0]) / 86_400_000
+    fig, ax = plt.subplots(figsize=(10, 4))
+    for name, r in result.returns.items():
+        style = "--" if name in BASELINES else "-"
+        ax.plot(days, np.cumsum(np.log1p(r)), style, linewidth=1, label=_policy_label(name))
+    ax.axhline(0, color="grey", linewidth=0.5)
+    ax.set_xlabel(f"days since {_day(int(result.times[0]))} UTC")
+    ax.set_ylabel("log equity (equal-weight portfolio)")
+    ax.set_title("Hold-out equity after fees, slippage and funding", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.9, bottom=0.14)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def _position_histograms(result: BacktestResult, out: Path) -> None:
+    plt = _plt()
+    names = [n for n in result.positions if n not in BASELINES] + ["momentum", "random"]
+    cols = min(3, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.4 * rows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        p = result.positions[name]
+        ax.hist(p, bins=np.linspace(-1, 1, 21), weights=np.full(len(p), 1.0 / max(len(p), 1)), color="tab:blue")
+        ax.set_title(_policy_label(name), fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(names):]:
+        ax.set_visible(False)
+    fig.suptitle("Positions held on hold-out bars (share of bars per bin)", fontsize=9)
+    fig.subplots_adjust(left=0.08, right=0.98, top=0.88, bottom=0.08, wspace=0.3, hspace=0.5)
+    fig.savefig(out, dpi=90)
+    plt.close(fig)
+
+
+def write_backtest_report(pipe: RunArtifacts, result: BacktestResult) -> Path:
+    """The agents' section of report.md (replacing an earlier one) with equity curves and position histograms."""
+    out = pipe.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    _equity_curves(result, out / "equity_curves.png")
+    _position_histograms(result, out / "positions.png")
+    f, cfg = result.figures, pipe.cfg
+    env = cfg.env
+    fee = env.taker_fee if env.order_type == "taker" else env.maker_fee
+    slip = {"range": f"{env.range_fraction:g} × the decision bar's (high − low) / close",
+            "spread": f"a half spread of {env.half_spread_bps:g} bp", "none": "none"}[env.slippage]
+    missing = f.get("funding_missing_bars", {})
+    text = AGENTS_MARKER + f"""
+{len(f['segments'])} hold-out segments ({', '.join(f['segments'])}) pooled into one equal-weight portfolio of
+{f['portfolio_bars']} bars, after fees ({env.order_type}, {fee:.4%} per unit traded), slippage ({slip}) and funding
+(bars outside the funding history: {sum(missing.values())}, charged 0 — `env.missing_funding =
+"{env.missing_funding}"`).
+Agents trained on the training window only ({', '.join(cfg.agents.kinds)}); positions
+{_SCALING[cfg.agents.scaling]}. Sharpe and
+Sortino annualised with {f['bars_per_year']:.0f} bars a year; intervals: stationary block bootstrap,
+{f['bootstrap']['samples']} resamples, mean block {f['bootstrap']['block_bars']:g} bars, shared by all policies.
+Bias check: |ρ| ≥ {cfg.backtest.mirror_corr:g} with buy-and-hold's returns, or ≥ {cfg.backtest.one_side_share:.0%} of
+bars on one side, is flagged. Figures at full precision: `backtest.json`.
+
+{format_backtest_table(f)}
+
+{_backtest_verdict(f)}
+
+![equity curves](equity_curves.png)
+
+![positions](positions.png)
+"""
+    path = out / "report.md"
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    path.write_text(old.split(AGENTS_MARKER)[0].rstrip("\n") + "\n" + text, encoding="utf-8")
     return path
