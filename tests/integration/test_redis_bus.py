@@ -88,3 +88,43 @@ def test_the_kasmina_api_drives_a_trainer_through_redis(redis_url: str, tmp_path
         h.close()
         h.m.bus.close()
         api_bus.close()
+
+
+def test_retention_bounds_a_stream_but_never_drops_an_unacknowledged_entry(redis_url: str) -> None:
+    """`retention` = 20: a stream whose groups keep up stays within 22 entries; a group that has not read, or read
+    without acknowledging, keeps every entry it still owes (redelivered or claimed with its payload intact)."""
+    topic = "system.events.epoch"
+    bus = RedisBus(redis_url, namespace=f"test-{uuid.uuid4().hex[:12]}", retention=20)
+    key = f"{bus.namespace}:{topic}"
+    try:
+        bus.read(topic, "late")  # the group exists but reads nothing while 100 entries arrive
+        for i in range(100):
+            bus.publish(topic, EpochEvent(epoch=i, step=i, train_loss=1.0))
+        assert bus._r.xlen(key) == 100
+        got = bus.read(topic, "late", count=100)
+        assert [e.epoch for _, e in got] == list(range(100))
+        for message_id, _ in got[:50]:
+            bus.ack(topic, "late", message_id)  # the other 50 stay pending: the consumer "died" holding them
+        for i in range(100, 200):
+            bus.publish(topic, EpochEvent(epoch=i, step=i, train_loss=1.0))
+        claimed = bus.claim(topic, "late", "heir", min_idle_s=0.0)
+        assert [e.epoch for _, e in claimed] == list(range(50, 100))
+        for message_id, _ in claimed:
+            bus.ack(topic, "late", message_id)
+        fresh = bus.read(topic, "late", count=500)
+        assert [e.epoch for _, e in fresh] == list(range(100, 200))
+        for message_id, _ in fresh:
+            bus.ack(topic, "late", message_id)
+        lengths = []
+        for i in range(200, 300):  # the group keeps up now: the stream stays bounded
+            bus.publish(topic, EpochEvent(epoch=i, step=i, train_loss=1.0))
+            for message_id, event in bus.read(topic, "late", count=10):
+                assert event.epoch == i
+                bus.ack(topic, "late", message_id)
+            lengths.append(bus._r.xlen(key))
+        assert max(lengths) <= 22 and min(lengths[20:]) >= 20
+        assert [m.payload["epoch"] for m in bus.log(topic)][-1] == 299
+    finally:
+        bus.close()
+    with pytest.raises(BackendError, match="retention=-1"):
+        RedisBus(redis_url, retention=-1)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import boto3
 import pytest
 from tests.integration.conftest import free_port
-from tests.morph.test_storage import exercise
+from tests.morph.test_storage import exercise, exercise_replay_keys
 
 from cambium.morph.backends import Endpoints, check_services, open_urza
 from cambium.morph.compiler import Tezzeret
@@ -38,6 +38,10 @@ def test_postgres_and_s3_do_everything_the_embedded_library_does(database_url: s
     assert [r.seed_id for r in other.experience()] == ["s0", "s1", "s2"]
     art = other.meta.list_artifacts()[0]
     assert other.kernel(art.artifact_id)[1] == urza.kernel(art.artifact_id)[1]
+
+
+def test_replay_buffer_keys_dedupe_on_postgres(database_url: str) -> None:
+    exercise_replay_keys(SqlMetadataStore(database_url))  # a fresh database (the fixture)
 
 
 def test_a_tampered_or_missing_s3_object_is_refused(s3_endpoint: str, bucket: str, tmp_path) -> None:

@@ -145,7 +145,7 @@ def test_tamiyo_routes(client) -> None:
     assert client.get("/policy/status").json()["decisions"] == 1
     v1 = client.get("/policy/version").json()
     r = client.post("/policy/load", json={"kind": "gnn"})
-    assert r.status_code == 409 and "not built yet" in r.json()["detail"]
+    assert r.status_code == 422 and "needs path" in r.json()["detail"]  # loading one: tests/morph/test_gnn.py
     v2 = client.post("/policy/load", json={"kind": "heuristic", "config": {"health_threshold": 0.05}}).json()
     assert v2["version"] == v1["version"] + 1 and v2["config_sha256"] != v1["config_sha256"]
     assert client.post("/step", content=packet.model_dump_json()).json()["signals"] == []  # 0.1 >= 0.05 now

@@ -58,14 +58,14 @@ def _table_rows(md: str, header: str) -> list[list[str]]:
     return rows
 
 
-def _compare(tmp_path, *extra):
+def _compare(tmp_path, *extra, reuse=False):
     from typer.testing import CliRunner
 
     from cambium.morph.cli import app
 
     runs = tmp_path / "runs"
     args = ["compare", "--config", "configs/morph/tiny.toml", "--runs-dir", str(runs), "--set", "train.epochs=2",
-            "--set", "data.limit=128", "--set", f"library.root={tmp_path}/urza"]
+            "--set", "data.limit=128", "--set", f"library.root={tmp_path}/urza", *(["--reuse"] if reuse else [])]
     for item in extra:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
@@ -119,9 +119,16 @@ def test_compare_cli_writes_report_of_three_registered_arms(tmp_path):
 
 
 def test_compare_over_train_seeds_pairs_runs_by_seed_and_sizes_one_large_host(tmp_path):
-    runs, output = _compare(tmp_path, "compare.train_seeds=[3, 5]", "train.lr_schedule=cosine", "train.lr_floor=0.1")
+    runs, output = _compare(tmp_path, "compare.train_seeds=[3, 5]", "train.lr_schedule=cosine", "train.lr_floor=0.1",
+                            'compare.variants={gm=["policy.blueprint_choice=gradmax", '
+                            '"library.mutants_per_blueprint=1"]}')
     records = list_runs(runs, "morph")
-    assert len(records) == 6
+    assert len(records) == 8
+    gm = [r for r in records if r.name == "tiny-gm"]
+    assert len(gm) == 2 and all(load(r.dir / "config.toml", CONFIG_MODEL).policy.blueprint_choice == "gradmax"
+                                for r in gm)
+    gm_params = max(json.loads((r.dir / "report.json").read_text())["params"] for r in gm)
+    records = [r for r in records if r.name != "tiny-gm"]
     reports = [json.loads((r.dir / "report.json").read_text()) for r in records]
     configs = [load(r.dir / "config.toml", CONFIG_MODEL) for r in records]
     by_arm: dict[str, dict[int, dict]] = {}
@@ -132,7 +139,7 @@ def test_compare_over_train_seeds_pairs_runs_by_seed_and_sizes_one_large_host(tm
     # One larger host for every seed, at least as large as the largest morph run.
     (wide,) = {v["widths"] for v in by_arm["tiny-static-large"].values()}
     biggest = max(v["report"]["params"] for v in by_arm["tiny"].values())
-    assert host_cnn_params(wide) >= biggest
+    assert host_cnn_params(wide) >= max(biggest, gm_params)  # every grown arm counts in sizing it
     morph_dir = next(r.dir for r in records if r.name == "tiny" and load(r.dir / "config.toml", CONFIG_MODEL
                                                                           ).train.seed == 3)
     data = json.loads((morph_dir / "compare" / "compare.json").read_text())
@@ -145,11 +152,23 @@ def test_compare_over_train_seeds_pairs_runs_by_seed_and_sizes_one_large_host(tm
     paired = summary["paired"]["morph - static"]["test_acc"]
     assert paired["mean"] == pytest.approx(sum(diffs) / 2)
     assert paired["morph_at_least_as_good"] == sum(d >= 0 for d in diffs)
+    lo, hi = paired["ci95"]  # mean ± t(0.975, 1) · sd / √2
+    assert (lo + hi) / 2 == pytest.approx(paired["mean"])
+    assert (hi - lo) / 2 == pytest.approx(12.706204736 * paired["sd"] / math.sqrt(2), rel=1e-6)
+    assert set(summary["paired"]) == {"morph - static", "morph - static-large", "morph-gm - static",
+                                      "morph-gm - static-large"}
+    assert summary["arms"]["morph-gm"]["runs"] == 2
     assert set(data["seed_segments"]) == {"3", "5"}
     md = (morph_dir / "compare" / "report.md").read_text()
     assert "Train seed 5" in md and "morph - static-large" in output
     lr = configs[0].train.lr
     assert f"host lr {lr:g} on a cosine to {lr * 0.1:g}" in md
+    # --reuse reads every finished arm back (same name, equal config): nothing is trained again, same summary
+    _, again = _compare(tmp_path, "compare.train_seeds=[3, 5]", "train.lr_schedule=cosine", "train.lr_floor=0.1",
+                        'compare.variants={gm=["policy.blueprint_choice=gradmax", '
+                        '"library.mutants_per_blueprint=1"]}', reuse=True)
+    assert len(list_runs(runs, "morph")) == 8 and again.count("(run ") == 8
+    assert json.loads((morph_dir / "compare" / "compare.json").read_text())["summary"] == summary
     assert all(c.train.lr_schedule == "cosine" for c in configs)  # every arm on the same schedule
 
 

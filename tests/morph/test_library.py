@@ -36,7 +36,9 @@ def test_compile_store_load_round_trip(urza):
     finally:
         tz.close()
     assert art.ir_hash == bp.blueprint_id and art.param_count == bp.param_count
-    assert art.latency_ms is not None and art.latency_ms > 0 and art.tags == tags_for(art.latency_ms, art.param_count)
+    assert art.latency_ms is not None and art.latency_ms > 0
+    assert art.tags == tags_for(art.latency_ms, art.param_count, art.state_bytes + art.activation_bytes, True)
+    assert art.tags[2:] == ("low_memory", "risk_high")  # BN keeps running statistics
     assert art.state_bytes > art.param_count * 4  # BN running statistics are buffers
     record, payload = urza.kernel(art.artifact_id)
     assert record == art

@@ -342,13 +342,16 @@ def test_freeze_host_in_chooses_the_frozen_states(tmp_path):
         h.close()
 
 
-def test_freeze_host_in_must_include_training():
+def test_freeze_host_in_lists_training_or_nothing():
     from cambium.core.config import load
     from cambium.core.errors import ConfigError
     from cambium.morph.config import CONFIG_MODEL
 
-    with pytest.raises(ConfigError, match="must include TRAINING"):
+    with pytest.raises(ConfigError, match="list TRAINING too, or nothing"):
         load("configs/morph/tiny.toml", CONFIG_MODEL, ['lifecycle.freeze_host_in=["GRAFTING"]'])
+    with pytest.raises(ConfigError, match="lists a state twice"):
+        load("configs/morph/tiny.toml", CONFIG_MODEL, ['lifecycle.freeze_host_in=["TRAINING", "TRAINING"]'])
+    assert load("configs/morph/tiny.toml", CONFIG_MODEL, ["lifecycle.freeze_host_in=[]"]).lifecycle.freeze_host_in == ()
 
 
 def test_a_compile_still_in_flight_after_the_timeout_is_culled(tmp_path):

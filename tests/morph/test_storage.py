@@ -87,7 +87,7 @@ def test_a_database_of_another_schema_version_is_refused(tmp_path: Path) -> None
     assert store.list_blueprints() == []
     with store.engine.begin() as conn:
         conn.execute(sa.text("update urza_meta set value = '99' where key = 'schema_version'"))
-    with pytest.raises(BackendError, match="schema version 99, this cambium writes 1"):
+    with pytest.raises(BackendError, match="schema version 99, this cambium writes 2"):
         SqlMetadataStore.sqlite(tmp_path / "u.sqlite").list_blueprints()
 
 
@@ -135,3 +135,34 @@ def test_any_backend_url_is_taken_or_refused_in_one_line(url: str) -> None:
         else:
             if hasattr(made, "close"):
                 made.close()
+
+
+def exercise_replay_keys(meta: SqlMetadataStore) -> None:
+    """Keyed reports and decisions are stored once however often they are written (a resumed run repeats them)."""
+    for _ in range(3):
+        meta.add_field_report(report("k0"), key="run1/k0/1/3", run_id="run1")
+        meta.add_decision("run1", 1, "run1/1", '{"x": 1}')
+    meta.add_decision("run1", 2, "run1/2", '{"x": 2}')
+    meta.add_field_report(report("free"))  # no key (POST /training/experience): always appended
+    meta.add_field_report(report("free"))
+    got = [(run, r.seed_id) for run, r in meta.keyed_field_reports()]
+    assert got[-3:] == [("run1", "k0"), (None, "free"), (None, "free")] and got.count(("run1", "k0")) == 1
+    assert meta.decisions() == [("run1", '{"x": 1}'), ("run1", '{"x": 2}')]
+
+
+def test_replay_buffer_keys_dedupe_and_a_version_1_database_is_upgraded(tmp_path: Path) -> None:
+    exercise_replay_keys(SqlMetadataStore.sqlite(tmp_path / "new.sqlite"))
+    old = sa.create_engine(f"sqlite:///{tmp_path / 'v1.sqlite'}")
+    with old.begin() as conn:  # the schema as version 1 wrote it, with a report in it
+        conn.execute(sa.text("create table urza_meta (key varchar(64) primary key, value text not null)"))
+        conn.execute(sa.text("insert into urza_meta values ('schema_version', '1')"))
+        conn.execute(sa.text("create table field_reports (id integer primary key autoincrement, seed_id text not "
+                             "null, outcome varchar(16) not null, record text not null)"))
+        conn.execute(sa.text("insert into field_reports (seed_id, outcome, record) values (:s, :o, :r)"),
+                     {"s": "old", "o": "CULLED", "r": report("old").model_dump_json()})
+    old.dispose()
+    store = SqlMetadataStore.sqlite(tmp_path / "v1.sqlite")
+    assert store.field_reports() == [report("old")]
+    exercise_replay_keys(store)
+    with store.engine.begin() as conn:
+        assert conn.execute(sa.text("select value from urza_meta")).scalar_one() == "2"

@@ -225,8 +225,10 @@ def create_app(urza: Urza, bus: Bus, *, token: str | None, tamiyo: TamiyoService
     def policy_version() -> JSONResponse:
         return _out(tamiyo.policy_version())
 
-    @tamiyo_r.post("/policy/load", openapi_extra=_takes(PolicyLoad), **_returns(PolicyVersion, 200, 409))
+    @tamiyo_r.post("/policy/load", openapi_extra=_takes(PolicyLoad), **_returns(PolicyVersion, 200, 404, 409))
     def policy_load(request: Annotated[PolicyLoad, Depends(_body(PolicyLoad))]) -> JSONResponse:
+        """The heuristic with these settings, or (kind 'gnn') a Simic policy file inside the library root, its
+        tensors verified against the hash in its header (a bad file is a 422, a missing one a 404)."""
         return _out(tamiyo.load(request))
 
     @tamiyo_r.post("/policy/update", openapi_extra=_takes(PolicyUpdate), **_returns(PolicyVersion))

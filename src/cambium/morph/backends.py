@@ -48,12 +48,13 @@ class Endpoints:
                    get("CAMBIUM_TAMIYO_URL"))
 
 
-def open_bus(endpoints: Endpoints, *, namespace: str = "oona") -> Bus:
+def open_bus(endpoints: Endpoints, *, namespace: str = "oona", retention: int = 0) -> Bus:
+    """Redis Streams on `REDIS_URL` (trimmed to `retention` acknowledged entries, 0 = never), else in-process."""
     if endpoints.redis_url is None:
         return InProcessBus()
     from cambium.morph.redis_bus import RedisBus  # redis-py only when Redis is used
 
-    return RedisBus(endpoints.redis_url, namespace=namespace)
+    return RedisBus(endpoints.redis_url, namespace=namespace, retention=retention)
 
 
 def open_urza(endpoints: Endpoints, root: str | Path, *, bucket: str = "cambium-urza") -> Urza:

@@ -63,12 +63,14 @@ def compare_command(
     config: ConfigOpt = Path("configs/morph/cifar10-cpu.toml"),
     overrides: SetOpt = None,
     runs_dir: Path = options.RUNS_DIR,
+    reuse: Annotated[bool, typer.Option("--reuse", help="read back arms already finished in --runs-dir (same name "
+                                        "and config) instead of training them again")] = False,
 ) -> None:
     """MOR-11: train morphogenetic, same-host static and larger static runs; write report.md and figures."""
     from cambium.morph.compare import compare, summarize
 
     cfg = load(config, CONFIG_MODEL, list(overrides or []))
-    result = compare(cfg, name=config.stem, runs_root=runs_dir)
+    result = compare(cfg, name=config.stem, runs_root=runs_dir, reuse=reuse)
     for arm in result.arms:
         typer.echo(f"{arm.label:>12} seed {arm.train_seed}: val_acc {arm.report['val_acc']:.4f} "
                    f"test_acc {arm.report['test_acc']:.4f} params {arm.report['params']} widths {list(arm.widths)} "
@@ -105,8 +107,8 @@ def serve_command(
     ends = Endpoints.from_env(os.environ)
     check_bind(host, ends.api_token)
     urza = open_urza(ends, cfg.library.root, bucket=bucket)
-    bus = open_bus(ends, namespace=namespace)
-    tamiyo = TamiyoService(urza, cfg.policy, cfg.lifecycle.max_adaptations_per_epoch)
+    bus = open_bus(ends, namespace=namespace, retention=cfg.bus.retention)
+    tamiyo = TamiyoService(urza, cfg.policy, cfg.lifecycle.max_adaptations_per_epoch, policy_root=cfg.library.root)
     typer.echo(f"morph services on http://{host}:{port} (OpenAPI: /openapi.json; auth: "
                f"{'bearer token' if ends.api_token else 'none, loopback only'})")
     try:
@@ -142,7 +144,7 @@ def worker_command(
         raise ConfigError("a compile worker needs REDIS_URL: with the in-process bus nothing could reach it")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    bus = open_bus(ends, namespace=namespace)
+    bus = open_bus(ends, namespace=namespace, retention=cfg.bus.retention)
     typer.echo(f"tezzeret worker {consumer} serving compilation.blueprint.submitted")
     try:
         stats = run_compile_worker(bus, open_urza(ends, cfg.library.root, bucket=bucket), consumer=consumer,
@@ -154,6 +156,40 @@ def worker_command(
         bus.close()
     typer.echo(f"tezzeret worker {consumer}: compiled {stats.compiled}, failed {stats.failed}, "
                f"claimed {stats.claimed} from dead workers")
+
+
+@app.command("simic")
+def simic_command(
+    library: Annotated[Path, typer.Option(help="library root whose replay buffer it trains from (its urza.sqlite, "
+                                          "or DATABASE_URL when set)")],
+    out: Annotated[Path, typer.Option(help="policy file to write (safetensors with a hashed JSON header)")],
+    config: Annotated[Path | None, typer.Option("--config", help="morph TOML: the policy's blueprint lists and the "
+                                                "adaptation budget (default: the built-in defaults)")] = None,
+    epochs: Annotated[int, typer.Option(min=1, help="passes over the recorded boundaries")] = 150,
+    beta: Annotated[float, typer.Option(min=0.0, help="AWR temperature; 0 = pure behaviour cloning")] = 1.0,
+    hidden: Annotated[int, typer.Option(min=1, max=4096, help="width of the GNN")] = 64,
+    layers: Annotated[int, typer.Option(min=0, max=64, help="message-passing rounds")] = 3,
+    seed: Annotated[int, typer.Option(min=0, help="RNG seed (initialisation, held-out runs, batch order)")] = 0,
+) -> None:
+    """MOR-6: train Tamiyo's GNN policy offline (Simic) from the boundaries and FieldReports a library recorded."""
+    import os
+
+    from cambium.morph.backends import Endpoints, open_urza
+    from cambium.morph.config import MorphConfig
+    from cambium.morph.simic import SimicConfig, train_simic
+
+    cfg = load(config, CONFIG_MODEL) if config is not None else MorphConfig()
+    urza = open_urza(Endpoints.from_env(os.environ), library)
+    result = train_simic(urza, cfg.policy, cfg.lifecycle.max_adaptations_per_epoch,
+                         SimicConfig(hidden=hidden, layers=layers, epochs=epochs, beta=beta, seed=seed), out=out)
+    f = result.figures
+    typer.echo(f"simic: {f['boundaries']} boundaries from {f['runs']} run(s), final loss {f['final_loss']:.4f}")
+    for split in ("train", "val"):
+        e = f[split]
+        if e is not None:
+            typer.echo(f"  {split}: imitation accuracy {e['accuracy']:.3f} over {e['samples']} legal seeds "
+                       f"(random policy {e['random_accuracy']:.3f})")
+    typer.echo(f"policy: {out} (tensors sha256 {result.header['tensors_sha256'][:12]}...)")
 
 
 @app.command("check-services")

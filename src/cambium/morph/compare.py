@@ -8,13 +8,16 @@ of `compare.train_seeds` (or `train.seed` alone), so every arm sees the same see
 - `static-large`: one static host whose widths are the smallest uniform widening of `model.widths` with at least
   `compare.param_ratio` × the largest final parameter count of the morph runs, and more than the host's (sized after
   those runs finish; seeds still in flight at the end are not host parameters and do not count). It is at least as
-  large as every morph run, so a morph run matching it is never helped by size.
+  large as every morph run, so a morph run matching it is never helped by size;
+- `morph-<label>` for each of `compare.variants` (label → overrides, e.g. another controller): further grown arms,
+  trained like `morph` and counted in sizing `static-large`.
 
 It then writes, under `<first morph run dir>/compare/`: `compare.json` (every run's numbers, the per-arm summary and the
 paired differences), `accuracy.png` (validation accuracy per epoch: each arm's mean over seeds, with its min-max
 band), `seeds.png` (each seed location's lifecycle state per epoch, Gantt-like, per RNG seed) and `report.md` (per-arm
-mean ± standard deviation, the paired differences morph - static and morph - static-large, every run, the seed
-timelines). Every number comes from the runs' report.json and metrics.duckdb, never recomputed by training.
+mean ± standard deviation, the paired differences of every grown arm against static and static-large with a 95 %
+t-interval and a sign count, every run, the seed timelines). Every number comes from the runs' report.json and
+metrics.duckdb, never recomputed by training.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cambium.core.config import load_data
+from cambium.core.config import load, load_data
 from cambium.core.metrics import read_metrics
 from cambium.core.progress import get_logger
 from cambium.core.runs import get_run
@@ -65,6 +68,12 @@ class Arm:
 class Comparison:
     arms: list[Arm]
     out_dir: Path
+    grown: tuple[str, ...] = ("morph",)
+    """The labels of the grown arms: `morph` and one `morph-<label>` per `compare.variants` entry."""
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return (*self.grown, *LABELS[1:])
 
     @property
     def report_path(self) -> Path:
@@ -86,8 +95,25 @@ def _arm(label: str, description: str, cfg: MorphConfig, runs_root: Path, report
                [r.value for r in rows])
 
 
-def compare(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs") -> Comparison:
-    """Train the three arms (morph, static, static-large) once per train seed and write the report."""
+def finished_run(runs_root: Path, run_name: str, arm_cfg: MorphConfig) -> dict[str, Any] | None:
+    """The report of a finished run named `run_name` in `runs_root` whose config equals `arm_cfg` (None if none)."""
+    from cambium.core.runs import list_runs
+
+    for record in list_runs(runs_root, "morph"):
+        if record.name != run_name or record.status != "finished" or not (record.dir / "report.json").is_file():
+            continue
+        if load(record.dir / "config.toml", CONFIG_MODEL) == arm_cfg:
+            report: dict[str, Any] = json.loads((record.dir / "report.json").read_text())
+            steps = arm_cfg.train.max_steps if arm_cfg.train.max_steps is not None else arm_cfg.train.epochs
+            if report.get("epochs_done") == steps:
+                return report
+    return None
+
+
+def compare(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs", reuse: bool = False) -> Comparison:
+    """Train the three arms (morph, static, static-large) once per train seed and write the report. With `reuse`, an
+    arm whose finished run (same name, equal config) is already in `runs_root` is read back instead of trained again
+    (runs are deterministic: an interrupted comparison continues, or another process trains arms ahead of it)."""
     from cambium.morph.train import train
 
     runs_root = Path(runs_root)
@@ -95,13 +121,20 @@ def compare(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs") -> C
     arms: list[Arm] = []
 
     def run(label: str, description: str, arm_cfg: MorphConfig, run_name: str) -> Arm:
-        log.info("compare: %s, train seed %d", description, arm_cfg.train.seed)
-        arm = _arm(label, description, arm_cfg, runs_root, train(arm_cfg, name=run_name, runs_root=runs_root))
+        report = finished_run(runs_root, run_name, arm_cfg) if reuse else None
+        log.info("compare: %s, train seed %d%s", description, arm_cfg.train.seed, " (reused)" if report else "")
+        if report is None:
+            report = train(arm_cfg, name=run_name, runs_root=runs_root)
+        arm = _arm(label, description, arm_cfg, runs_root, report)
         arms.append(arm)
         return arm
 
+    grown = ("morph", *(f"morph-{label}" for label in cfg.compare.variants))
     for s in train_seeds:
         run("morph", "morphogenetic host", _arm_config(cfg, ["train.morphogenetic=true", f"train.seed={s}"]), name)
+        for label, overrides in cfg.compare.variants.items():
+            run(f"morph-{label}", f"morphogenetic host, {label}",
+                _arm_config(cfg, [*overrides, "train.morphogenetic=true", f"train.seed={s}"]), f"{name}-{label}")
     morphs = list(arms)
     # Strictly larger than the host even when nothing fossilized, so the third arm is never a copy of the second.
     target = max(math.ceil(max(a.report["params"] for a in morphs) * cfg.compare.param_ratio),
@@ -113,9 +146,9 @@ def compare(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs") -> C
         run("static", "same host, no seeds", static_cfg, f"{name}-static")
         large_cfg = _arm_config(static_cfg, [f"model.widths=[{', '.join(str(w) for w in wide)}]"])
         run("static-large", f"larger static host (widths ×{mult:g})", large_cfg, f"{name}-static-large")
-    order = {label: k for k, label in enumerate(LABELS)}
+    order = {label: k for k, label in enumerate((*grown, *LABELS[1:]))}
     arms.sort(key=lambda a: (order[a.label], train_seeds.index(a.train_seed)))
-    result = Comparison(arms, morphs[0].run_dir / "compare")
+    result = Comparison(arms, morphs[0].run_dir / "compare", grown)
     write_report(result, cfg.train)
     return result
 
@@ -143,11 +176,23 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
+    """The two-sided Student-t confidence interval of the mean of `values` (None for fewer than two)."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    mean, sd = _mean_sd(values)
+    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * sd / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
 def summarize(result: Comparison) -> dict[str, Any]:
-    """Per-arm mean/sd/min/max of val acc, test acc and parameters, and the paired (same train seed) differences
-    morph - static and morph - static-large with how many seeds morph was at least as accurate."""
+    """Per-arm mean/sd/min/max of val acc, test acc and parameters, and the paired (same train seed) differences of
+    every grown arm against static and static-large: mean, sd, 95 % t-interval and how many seeds the grown arm was
+    at least as accurate."""
     out: dict[str, Any] = {"arms": {}, "paired": {}}
-    for label in LABELS:
+    for label in result.labels:
         runs = result.runs(label)
         entry: dict[str, Any] = {"runs": len(runs), "widths": sorted({tuple(a.widths) for a in runs})}
         for key in ("val_acc", "test_acc", "params"):
@@ -155,15 +200,17 @@ def summarize(result: Comparison) -> dict[str, Any]:
             mean, sd = _mean_sd(values)
             entry[key] = {"mean": mean, "sd": sd, "min": min(values), "max": max(values)}
         out["arms"][label] = entry
-    morph = {a.train_seed: a for a in result.runs("morph")}
-    for other in LABELS[1:]:
-        pairs = [(morph[a.train_seed], a) for a in result.runs(other) if a.train_seed in morph]
-        entry = {"seeds": len(pairs)}
-        for key in ("val_acc", "test_acc"):
-            diffs = [m.report[key] - o.report[key] for m, o in pairs]
-            mean, sd = _mean_sd(diffs)
-            entry[key] = {"mean": mean, "sd": sd, "morph_at_least_as_good": sum(d >= 0 for d in diffs)}
-        out["paired"][f"morph - {other}"] = entry
+    for grown in result.grown:
+        morph = {a.train_seed: a for a in result.runs(grown)}
+        for other in LABELS[1:]:
+            pairs = [(morph[a.train_seed], a) for a in result.runs(other) if a.train_seed in morph]
+            entry = {"seeds": len(pairs)}
+            for key in ("val_acc", "test_acc"):
+                diffs = [m.report[key] - o.report[key] for m, o in pairs]
+                mean, sd = _mean_sd(diffs)
+                entry[key] = {"mean": mean, "sd": sd, "ci95": t_interval(diffs),
+                              "morph_at_least_as_good": sum(d >= 0 for d in diffs)}
+            out["paired"][f"{grown} - {other}"] = entry
     return out
 
 
@@ -173,7 +220,7 @@ def _pm(stat: dict[str, float], fmt: str = ".4f") -> str:
 
 def _summary_table(result: Comparison, summary: dict[str, Any]) -> list[str]:
     lines = ["| arm | host widths | runs | val acc | test acc | parameters |", "|---|---|---|---|---|---|"]
-    for label in LABELS:
+    for label in result.labels:
         e, first = summary["arms"][label], result.runs(label)[0]
         params = e["params"]
         span = f"{params['mean']:.0f}" if params["min"] == params["max"] else (
@@ -183,11 +230,18 @@ def _summary_table(result: Comparison, summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _ci(stat: dict[str, Any]) -> str:
+    ci = stat.get("ci95")
+    return "—" if ci is None else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]"
+
+
 def _paired_table(summary: dict[str, Any]) -> list[str]:
-    lines = ["| difference | seeds | val acc | test acc | morph at least as accurate (val / test) |",
+    lines = ["| difference | seeds | val acc (95 % CI) | test acc (95 % CI) "
+             "| grown at least as accurate (val / test) |",
              "|---|---|---|---|---|"]
     for name, e in summary["paired"].items():
-        lines.append(f"| {name} | {e['seeds']} | {_pm(e['val_acc'], '+.4f')} | {_pm(e['test_acc'], '+.4f')} "
+        lines.append(f"| {name} | {e['seeds']} | {_pm(e['val_acc'], '+.4f')} {_ci(e['val_acc'])} "
+                     f"| {_pm(e['test_acc'], '+.4f')} {_ci(e['test_acc'])} "
                      f"| {e['val_acc']['morph_at_least_as_good']} / {e['test_acc']['morph_at_least_as_good']} "
                      f"of {e['seeds']} |")
     return lines
@@ -264,6 +318,11 @@ def write_report(result: Comparison, train: TrainConfig) -> Path:
         if len(morphs) > 1:
             md += [f"Train seed {a.train_seed} (`{a.run_id}`):", ""]
         md += [*(_timeline_text(a.report.get("seeds", {})) or ["- no seeds"]), ""]
+    for grown in result.grown[1:]:
+        md += [f"### {grown}", ""]
+        for a in result.runs(grown):
+            md += [f"Train seed {a.train_seed} (`{a.run_id}`):", "",
+                   *(_timeline_text(a.report.get("seeds", {})) or ["- no seeds"]), ""]
     md += ["![seed timeline](seeds.png)", ""]
     result.report_path.write_text("\n".join(md))
     return result.report_path
@@ -282,7 +341,7 @@ def _plot_accuracy(result: Comparison, path: Path) -> None:
     """Each arm's mean validation accuracy per epoch over its runs, with the min-max band when there are several."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for label in LABELS:
+    for label in result.labels:
         runs = [a.val_acc_per_epoch for a in result.runs(label) if a.val_acc_per_epoch]
         if not runs:
             continue

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -13,7 +12,9 @@ from cambium.core.loop import LoopConfig
 
 __all__ = [
     "CONFIG_MODEL",
+    "BusConfig",
     "CompareConfig",
+    "ControllerConfig",
     "DataConfig",
     "LibraryConfig",
     "LifecycleConfig",
@@ -46,6 +47,13 @@ class LifecycleConfig(ConfigModel):
     """Durations, gates and safety limits of the seed lifecycle (MOR-3, MOR-4)."""
 
     training_epochs: int = Field(default=1, ge=1, description="epochs a seed learns its reconstruction target")
+    seed_objective: Literal["reconstruction", "gradmax"] = Field(
+        default="reconstruction",
+        description="what a TRAINING seed learns, its output unused: 'reconstruction' (f(x) ≈ r* = -η·B·∂L/∂x, gate "
+        "min_explained) or 'gradmax' (its output op stays zero; the other parameters, held at their initial norm, "
+        "climb the GradMax score ‖∇_θout L‖², so the graft starts at f ≡ 0 with the steepest task-loss descent; "
+        "gate: a finite, positive score)",
+    )
     reconstruction_step: float = Field(default=1.0, gt=0.0, description="η of the target r* = -η·B·∂L/∂x")
     min_explained: float = Field(
         default=0.0, description="TRAINING passes if 1 - mse/mean(r*²) over its last epoch exceeds this"
@@ -67,7 +75,8 @@ class LifecycleConfig(ConfigModel):
     freeze_host_in: tuple[AdaptingState, ...] = Field(
         default=("TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING"),
         description="while any seed is in one of these states the host's weights and normalisation statistics do not "
-        "change (the spec's frozen base; TRAINING must be listed: its reconstruction task assumes a still host)",
+        "change (the spec's frozen base). Empty: the host trains on beside its seeds (a live host: TRAINING's "
+        "reconstruction target is then taken from the host as it is at each step)",
     )
     seed_lr: float = Field(default=1e-3, gt=0.0, description="Adam learning rate of seed kernels")
     await_compiles: bool = Field(
@@ -81,11 +90,13 @@ class LifecycleConfig(ConfigModel):
 
     @model_validator(mode="after")
     def _check_freeze(self) -> LifecycleConfig:
-        if "TRAINING" not in self.freeze_host_in:
+        if self.freeze_host_in and "TRAINING" not in self.freeze_host_in:
             raise ValueError(
-                f"lifecycle.freeze_host_in={list(self.freeze_host_in)} must include TRAINING: a seed learns its "
-                "reconstruction target against a frozen host (MOR-3)"
+                f"lifecycle.freeze_host_in={list(self.freeze_host_in)} freezes the host for a blended seed but not "
+                "for a TRAINING one: list TRAINING too, or nothing (a live host)"
             )
+        if len(set(self.freeze_host_in)) != len(self.freeze_host_in):
+            raise ValueError(f"lifecycle.freeze_host_in={list(self.freeze_host_in)} lists a state twice")
         return self
 
 
@@ -105,17 +116,85 @@ class PolicyConfig(ConfigModel):
     blueprints_flat: tuple[str, ...] = Field(
         default=("residual_mlp", "low_rank_adapter"), description="blueprints tried in order at a [B, D] location"
     )
+    blueprint_choice: Literal["cycle", "gradmax"] = Field(
+        default="cycle",
+        description="'cycle': the next untried blueprint of the layout's list; 'gradmax': of the library's blueprints "
+        "for the location (the list's templates and Karn's mutants of them, compiled and tagged by Urabrask, within "
+        "library.max_params, none with an avoided tag), the one whose zero-initialised output gets the largest "
+        "task-loss gradient (GradMax), preferred tags first",
+    )
+    placement: Literal["health", "gradmax"] = Field(
+        default="health",
+        description="'health': germinate where health < health_threshold, least healthy first; 'gradmax': every "
+        "DORMANT location with confidence > confidence_threshold is a candidate, largest GradMax score of its "
+        "best blueprint first (needs blueprint_choice = 'gradmax')",
+    )
+    avoid_tags: tuple[str, ...] = Field(
+        default=(), description="gradmax choice: never choose a blueprint with one of these Urabrask tags"
+    )
+    prefer_tags: tuple[str, ...] = Field(
+        default=(), description="gradmax choice: blueprints with more of these Urabrask tags rank first"
+    )
+
+    @model_validator(mode="after")
+    def _check_choice(self) -> PolicyConfig:
+        from cambium.morph.kernel_bench import TAG_CLASSES
+
+        known = {t for tags in TAG_CLASSES.values() for t in tags}
+        for name in ("avoid_tags", "prefer_tags"):
+            bad = [t for t in getattr(self, name) if t not in known]
+            if bad:
+                raise ValueError(f"policy.{name} has unknown tag(s) {bad}; Urabrask's tags: {sorted(known)}")
+        if set(self.avoid_tags) & set(self.prefer_tags):
+            both = sorted(set(self.avoid_tags) & set(self.prefer_tags))
+            raise ValueError(f"policy.avoid_tags and policy.prefer_tags share {both}")
+        if self.placement == "gradmax" and self.blueprint_choice != "gradmax":
+            raise ValueError("policy.placement='gradmax' needs policy.blueprint_choice='gradmax' (it ranks locations "
+                             "by their best blueprint's GradMax score)")
+        return self
+
+
+class BusConfig(ConfigModel):
+    """Oona (MOR-7)."""
+
+    retention: int = Field(
+        default=10_000, ge=0,
+        description="with REDIS_URL: the entries a stream keeps once every consumer group has acknowledged older "
+        "ones (0 = keep all; un-acked entries are never trimmed, see cambium.morph.redis_bus); the in-process bus "
+        "keeps a run's messages in memory",
+    )
+
+
+class ControllerConfig(ConfigModel):
+    """Which Tamiyo decides in `cambium morph train` (MOR-6): the heuristic ([policy]) or a GNN policy trained by
+    Simic (`cambium morph simic`), which uses [policy]'s blueprint lists as its blueprint mask."""
+
+    kind: Literal["heuristic", "gnn"] = Field(default="heuristic", description="'heuristic' or 'gnn'")
+    policy: Path | None = Field(
+        default=None, description="kind = 'gnn': the policy file (safetensors) written by `cambium morph simic`"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ControllerConfig:
+        if self.kind == "gnn" and self.policy is None:
+            raise ValueError("controller.kind='gnn' needs controller.policy, the file `cambium morph simic` wrote")
+        if self.kind == "heuristic" and self.policy is not None:
+            raise ValueError(f"controller.policy={str(self.policy)!r} is only read with controller.kind='gnn'")
+        return self
 
 
 class LibraryConfig(ConfigModel):
     """Urza storage, Tezzeret compilation and Kasmina's kernel cache (MOR-5)."""
 
-    unbuilt: ClassVar[Mapping[str, str]] = {
-        "max_params": "blueprint mutation during training (Karn in the loop), issue 21; `Karn(max_params=...)` takes "
-                      "the limit in the library",
-    }
-
     root: Path = Field(default=Path("runs/urza"), description="directory of the local artifact store")
+    max_params: int = Field(
+        default=200_000, ge=1,
+        description="the largest blueprint (trainable parameters) Karn may propose and the gradmax choice may pick",
+    )
+    mutants_per_blueprint: int = Field(
+        default=0, ge=0, le=16,
+        description="gradmax choice: Karn's mutants of each template offered at a location besides the template",
+    )
     cache_bytes: int = Field(default=128 * 2**20, ge=0, description="Kasmina's LRU kernel cache budget in bytes")
     backend: Literal["eager", "codegen"] = Field(default="codegen", description="Tezzeret compile backend")
     benchmark_batch: int = Field(default=8, ge=1, description="batch size of Urabrask's latency measurement")
@@ -193,6 +272,24 @@ class CompareConfig(ConfigModel):
         description="the larger static host is the smallest uniform widening of model.widths with at least this "
         "× the largest final parameter count of the morphogenetic runs",
     )
+    variants: dict[str, tuple[str, ...]] = Field(
+        default_factory=dict,
+        description="further morphogenetic arms: label → config overrides ('section.key=value') applied to the "
+        "config, e.g. another controller; each is trained per train seed and paired with both static arms",
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _check_variants(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for label, overrides in value.items():
+            if not label.replace("-", "").replace("_", "").isalnum() or len(label) > 40:
+                raise ValueError(f"compare.variants label {label[:60]!r} must be 1-40 letters, digits, '-' or '_'")
+            if label in ("morph", "static", "static-large"):
+                raise ValueError(f"compare.variants label {label!r} is an arm's name already")
+            bad = [o for o in overrides if "=" not in o or not o.split("=", 1)[0].strip()]
+            if bad:
+                raise ValueError(f"compare.variants[{label!r}] has {bad[0][:60]!r}; overrides are 'section.key=value'")
+        return value
 
 
 class MorphConfig(ConfigModel):
@@ -201,6 +298,8 @@ class MorphConfig(ConfigModel):
     seeds: SeedsConfig = Field(default_factory=SeedsConfig, description="seed slots and telemetry")
     lifecycle: LifecycleConfig = Field(default_factory=LifecycleConfig, description="lifecycle and safety")
     policy: PolicyConfig = Field(default_factory=PolicyConfig, description="Tamiyo")
+    controller: ControllerConfig = Field(default_factory=ControllerConfig, description="Tamiyo's kind (MOR-6)")
+    bus: BusConfig = Field(default_factory=BusConfig, description="Oona")
     library: LibraryConfig = Field(default_factory=LibraryConfig, description="Urza, Tezzeret, Kasmina cache")
     data: DataConfig = Field(default_factory=DataConfig, description="data")
     model: ModelConfig = Field(default_factory=ModelConfig, description="host model")

@@ -309,6 +309,11 @@ class AdaptationSignal(Contract):
     kind: AdaptationKind
     seed_id: str | None = None
     blueprint_name: str | None = None
+    blueprint_id: str | None = Field(
+        default=None, pattern=_SHA256,
+        description="the library blueprint chosen (a Karn mutant has no template name to look up); None: the "
+        "template `blueprint_name` for the seed's shape",
+    )
     confidence: Unit = 0.0
     reason: str = ""
     epoch: int = Field(ge=0)

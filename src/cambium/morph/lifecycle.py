@@ -5,8 +5,10 @@ What each state means — forward y(x) of the slot; what trains; when it leaves 
 - DORMANT: y = x; nothing trains, telemetry only; Tamiyo picks it → GERMINATED.
 - GERMINATED: y = x; a compile is requested; kernel ready → LOADING, compile failed or timed out → CULLED.
 - LOADING: y = x; the kernel is fetched through the cache; loaded → TRAINING, load failed → CULLED.
-- TRAINING: y = x exactly (host frozen); the seed alone learns the reconstruction target*; after
-  `training_epochs` → GRAFTING if it explains part of the target, else CULLED; non-finite → ROLLED_BACK.
+- TRAINING: y = x exactly (host frozen, unless `freeze_host_in` is empty); the seed alone learns the reconstruction
+  target* (or, with `seed_objective = "gradmax"`, keeps its output op at zero and climbs the GradMax score, see
+  cambium.morph.growth); after `training_epochs` → GRAFTING if it explains part of the target (gradmax: a positive
+  score), else CULLED; non-finite → ROLLED_BACK.
 - GRAFTING: y = x + α f(x), α ramped 0 → 1 over `graft_steps` steps; the seed trains on the task loss, host
   frozen by default (`lifecycle.freeze_host_in`); α reached 1 → STABILIZATION; loss spike / non-finite → ROLLED_BACK.
 - STABILIZATION: y = x + f(x); seed trains, host frozen by default; after `stabilization_epochs` → EVALUATING; spike →

@@ -28,6 +28,7 @@ from torch import nn
 from cambium.core.errors import ConfigError
 from cambium.morph.bus import Bus, InProcessBus
 from cambium.morph.cache import KernelCache
+from cambium.morph.catalog import Catalog, Choice, Choices
 from cambium.morph.compiler import Tezzeret
 from cambium.morph.config import MorphConfig
 from cambium.morph.contracts import (
@@ -38,10 +39,12 @@ from cambium.morph.contracts import (
     EpochEvent,
     HealthSignal,
     KasminaCommand,
+    Seed,
 )
-from cambium.morph.controller import HeuristicPolicy, Policy
+from cambium.morph.controller import HeuristicPolicy, Policy, gnn_policy
+from cambium.morph.field_reports import ReplayRecorder
 from cambium.morph.ir import BlueprintError
-from cambium.morph.library import Urza
+from cambium.morph.library import ArtifactError, Urza
 from cambium.morph.seeds import Kasmina
 from cambium.morph.wrap import MorphedModel, wrap
 
@@ -91,10 +94,25 @@ def assemble(
         model, cfg.lifecycle, urza, bus, cache=KernelCache(cfg.library.cache_bytes),
         settings=CompileSettings(backend=cfg.library.backend, init_seed=cfg.train.seed),
     )
+    if policy is None and cfg.controller.kind == "gnn":
+        policy = gnn_policy(cfg)
     if policy is None:
-        policy = HeuristicPolicy(cfg.policy, cfg.lifecycle.max_adaptations_per_epoch)
+        policy = HeuristicPolicy(cfg.policy, cfg.lifecycle.max_adaptations_per_epoch,
+                                 rank=gradmax_choices(cfg, urza, tezzeret, kasmina))
     return Morphogenesis(model, kasmina, policy, tezzeret, urza, bus,
                          worker_wait_s=cfg.library.worker_wait_s if remote else None)
+
+
+def gradmax_choices(cfg: MorphConfig, urza: Urza, tezzeret: Tezzeret, kasmina: Kasmina
+                    ) -> Callable[[Seed], list[Choice]] | None:
+    """Tamiyo's ranked blueprint options (`policy.blueprint_choice = 'gradmax'`; None otherwise): the slots keep the
+    GradMax probe (activation and loss gradient of their last sampled step) for it."""
+    if cfg.policy.blueprint_choice != "gradmax":
+        return None
+    for r in kasmina.seeds.values():
+        r.slot.keep_probe = True
+    catalog = Catalog(urza, tezzeret, cfg.policy, cfg.library, kasmina.settings, seed=cfg.train.seed)
+    return Choices(catalog, lambda seed_id: kasmina.seeds[seed_id].slot.probe).rank
 
 
 @dataclass
@@ -119,6 +137,8 @@ class Tolaria:
         self.loss_fn = loss_fn
         self.await_compiles = await_compiles
         self.step = 0
+        self.recorder: ReplayRecorder | None = None
+        """Set (by cambium.morph.train) to record each boundary and FieldReport in Urza's replay buffer."""
         morph.kasmina.register_state("host_optimizer", optimizer)
 
     def train_epoch(self, batches: Iterable[Batch], on_step: Callable[[int, float], None] | None = None
@@ -153,6 +173,7 @@ class Tolaria:
             if self.m.worker_wait_s is not None:
                 self.m.kasmina.await_kernels(self.m.worker_wait_s)
         with k.boundary(epoch + 1):
+            reports_before = len(k.reports)
             result.health = k.close_epoch(val_fn)
             packet = k.packet(self.step, result.mean_loss, result.health)
             result.decisions = self.m.policy.decide(packet)
@@ -161,8 +182,9 @@ class Tolaria:
             for signal in result.decisions:
                 assert signal.seed_id is not None and signal.blueprint_name is not None
                 try:
-                    bp = self.m.urza.template(signal.blueprint_name, shapes[signal.seed_id])
-                except BlueprintError:
+                    bp = (self.m.urza.blueprint(signal.blueprint_id) if signal.blueprint_id is not None
+                          else self.m.urza.template(signal.blueprint_name, shapes[signal.seed_id]))
+                except (BlueprintError, ArtifactError):
                     k.skipped["blueprint"] += 1
                     continue
                 issued += 1
@@ -177,6 +199,8 @@ class Tolaria:
                     ),
                 )
             k.execute_commands()
+            if self.recorder is not None:
+                self.recorder.record(packet, result.decisions, k.reports[reports_before:])
             # After the commands: the seeds as the next epoch will train them (what the API's seed status shows).
             bus.publish(
                 "system.events.epoch",

@@ -7,6 +7,17 @@ Same semantics as `InProcessBus` (see cambium.morph.bus); the mapping is direct:
     claim              XAUTOCLAIM <stream> g c <min_idle_ms> 0-0     (messages a dead consumer held)
     ack / pending      XACK / XPENDING
     log                XRANGE <stream> - +
+    retention          XTRIM <stream> MINID <cut>   (in the publish script; see below)
+
+Retention (`bus.retention` = N, 0 = keep everything): when a stream holds more than N + N/10 entries, the publish
+script trims it to its N newest, but never past an entry that an existing consumer group has not acknowledged or
+not yet been handed: the cut is the oldest of (the N-th newest entry, each group's oldest pending entry, or — with
+nothing pending — its last-delivered entry). So an un-acked message is never lost to trimming, and a stream whose
+groups keep up stays within about 1.1 N entries. The trade-off: a group that stops reading (a dead consumer nobody
+reclaims for, an API gateway that went away without deleting its group) holds the floor, and the stream then grows
+by that group's backlog rather than staying bounded (XINFO GROUPS shows the culprit; `XGROUP DESTROY` releases it).
+A group created after a trim starts at the retained tail, and `log` shows only the retained tail. Redis's own
+`XADD MAXLEN ~` was not used because it deletes entries whether or not they were acknowledged.
 
 Groups are created at the start of the stream (id 0, like a new in-process group) the first time they are used. An
 entry that is not a valid envelope or contract (written by something else, or damaged) is counted in `rejected`,
@@ -34,8 +45,29 @@ from cambium.morph.errors import BackendError, redact
 __all__ = ["RedisBus"]
 
 _PUBLISH = """
+local function older(a, b)
+  local am, as = string.match(a, '(%d+)-(%d+)')
+  local bm, bs = string.match(b, '(%d+)-(%d+)')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
 local seq = redis.call('INCR', KEYS[2]) - 1
 local id = redis.call('XADD', KEYS[1], '*', 'seq', seq, 'payload', ARGV[1])
+local keep = tonumber(ARGV[2])
+if keep > 0 and redis.call('XLEN', KEYS[1]) > keep + math.max(math.floor(keep / 10), 1) then
+  local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', keep)
+  local cut = newest[#newest][1]
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', KEYS[1])) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    local floor = info['last-delivered-id']
+    if tonumber(info['pending']) > 0 then
+      floor = redis.call('XPENDING', KEYS[1], info['name'])[2]
+    end
+    if older(floor, cut) then cut = floor end
+  end
+  redis.call('XTRIM', KEYS[1], 'MINID', cut)
+end
 return {seq, id}
 """
 
@@ -43,9 +75,13 @@ return {seq, id}
 class RedisBus(LocalHandlers):
     """Oona over Redis Streams. `namespace` prefixes every key, so runs (and tests) can share one server."""
 
-    def __init__(self, url: str, *, namespace: str = "oona", timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, *, namespace: str = "oona", timeout_s: float = 5.0, retention: int = 0) -> None:
+        """`retention`: the entries a stream keeps once every group has acknowledged older ones (0: all)."""
+        if retention < 0:
+            raise BackendError(f"bus retention={retention} must be >= 0 (0 keeps every entry)")
         self.url = url
         self.namespace = namespace
+        self.retention = retention
         try:
             self._r: Any = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         except ValueError as exc:
@@ -75,7 +111,7 @@ class RedisBus(LocalHandlers):
         check_message(topic, message)
         with self._server(f"publishing on {topic}"):
             seq, raw_id = self._publish(keys=[self._key(topic), f"{self.namespace}:seq"],
-                                        args=[message.model_dump_json()])
+                                        args=[message.model_dump_json(), self.retention])
         env = BusMessage(topic=topic, message_id=_text(raw_id), sequence=int(seq),
                          payload=message.model_dump(mode="json"))
         with self._lock:

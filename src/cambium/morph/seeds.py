@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cambium.core.errors import CheckpointError
@@ -58,6 +59,7 @@ from cambium.morph.contracts import (
     SystemStatePacket,
     parse,
 )
+from cambium.morph.growth import output_parameters
 from cambium.morph.library import Urza
 from cambium.morph.lifecycle import ACTIVE, EpochClock, Lifecycle, LifecycleError, is_legal
 from cambium.morph.seed_record import SeedRecord
@@ -103,6 +105,7 @@ class Kasmina:
         self._loss_sum = 0.0
         self._loss_n = 0
         self._anomaly: str | None = None
+        self._init_norms: dict[str, float] = {}
         self._snapshot = self._take_snapshot()
 
     def register_state(self, name: str, obj: Any) -> None:
@@ -113,6 +116,8 @@ class Kasmina:
     def begin_epoch(self) -> None:
         """Train mode, except that a frozen host keeps its normalisation statistics."""
         self.model.train()
+        for r in self.seeds.values():
+            r.slot.clear_probe()
         if self.host_frozen():
             for m in self.model.host.modules():
                 if isinstance(m, _BatchNorm | nn.LayerNorm | nn.GroupNorm):
@@ -161,7 +166,10 @@ class Kasmina:
         for r in self.seeds.values():
             state = r.life.state
             if state == S.TRAINING:
-                self._reconstruction_step(r)
+                if self.cfg.seed_objective == "gradmax":
+                    self._gradmax_step(r)
+                else:
+                    self._reconstruction_step(r)
                 continue
             if state in BLENDED and r.optimizer is not None:
                 r.optimizer.step()
@@ -192,6 +200,57 @@ class Kasmina:
             r.optimizer.zero_grad(set_to_none=True)
         r.recon_sse += loss.detach().double()
         r.recon_energy += target.pow(2).mean().double()
+
+    def _gradmax_step(self, r: SeedRecord) -> None:
+        """One step of the gradmax TRAINING task: the kernel's output op stays zero (so does its output), and its
+        other parameters take an Adam step up the GradMax score s = ‖∇_θout ⟨f(x), B·∂L/∂x⟩‖², then are scaled back
+        to their initial joint norm (GradMax's norm constraint; without it s grows with their scale alone)."""
+        slot = r.slot
+        x, grad = slot.captured_x, slot.captured_grad
+        slot.clear_capture()
+        kernel = slot.kernel
+        if x is None or grad is None or kernel is None or r.optimizer is None:
+            return
+        out = output_parameters(kernel)
+        out_ids = {id(p) for p in out}
+        hidden = [p for p in kernel.parameters() if id(p) not in out_ids]
+        if not hidden:
+            return
+        target = x.shape[0] * grad
+        try:  # the math attention kernel: the fused CPU ones have no double backward
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+                inner = (kernel(x) * target).sum()
+                g_out = torch.autograd.grad(inner, out, create_graph=True, allow_unused=True)
+                score = sum((g.pow(2).sum() for g in g_out if g is not None), torch.zeros(()))
+                steps = torch.autograd.grad(-score, hidden, allow_unused=True) if score.requires_grad else None
+        except Exception as exc:
+            slot.failure = f"{type(exc).__name__}: {exc}"
+            return
+        if steps is not None:
+            for p, g in zip(hidden, steps, strict=True):
+                p.grad = None if g is None else g.detach()
+            r.optimizer.step()
+            r.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                norm = torch.sqrt(sum((p.double().pow(2).sum() for p in hidden), torch.zeros((), dtype=torch.float64)))
+                ref = self._initial_norm(r, hidden)
+                if float(norm) > 0 and ref > 0:
+                    for p in hidden:
+                        p.mul_(ref / float(norm))
+        r.recon_sse += score.detach().double()
+        r.recon_energy += 1.0
+
+    def _initial_norm(self, r: SeedRecord, hidden: list[nn.Parameter]) -> float:
+        """The joint norm of the kernel's non-output parameters as compiled (from the stored artifact, so a resumed
+        run finds the same value without keeping it)."""
+        assert r.artifact_id is not None
+        if r.artifact_id not in self._init_norms:
+            record, payload = self.urza.kernel(r.artifact_id)
+            fresh = load_kernel(payload, record)
+            out_ids = {id(p) for p in output_parameters(fresh)}
+            self._init_norms[r.artifact_id] = math.sqrt(sum(float(p.double().pow(2).sum())
+                                                            for p in fresh.parameters() if id(p) not in out_ids))
+        return self._init_norms[r.artifact_id]
 
     @contextmanager
     def boundary(self, epoch: int) -> Iterator[None]:
@@ -247,6 +306,15 @@ class Kasmina:
         elif state == S.TRAINING:
             if not bool(torch.isfinite(r.recon_sse)):
                 self._finish(r, S.ROLLED_BACK, "non-finite reconstruction loss")
+            elif in_state >= cfg.training_epochs and cfg.seed_objective == "gradmax":
+                score = float(r.recon_sse / r.recon_energy.clamp(min=1.0))
+                if score > 0:
+                    r.life.transition(S.GRAFTING, f"gradmax score {score:.4g} (mean over the epoch)")
+                    slot.alpha = 0.0
+                    r.graft_step = 0
+                    self._new_optimizer(r)
+                else:
+                    self._finish(r, S.CULLED, f"gradmax score {score:.4g}: the task loss gives its output no gradient")
             elif in_state >= cfg.training_epochs:
                 explained = 1.0 - float(r.recon_sse / r.recon_energy.clamp(min=1e-30))
                 if explained > cfg.min_explained:

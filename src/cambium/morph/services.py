@@ -1,8 +1,9 @@
 """The services behind morph's HTTP API (cambium.morph.api), importable and testable without HTTP:
 
 - `TamiyoService`: the controller as a service — decisions on posted SystemStatePackets with a bounded history, the
-  policy's status and version, loading or updating the heuristic policy, and Simic's experience intake (FieldReports
-  appended to Urza's replay buffer).
+  policy's status and version, loading the heuristic or a Simic GNN policy file (inside the library root,
+  hash-verified) or updating its settings, and Simic's experience intake (FieldReports appended to Urza's replay
+  buffer).
 - `TamiyoClient`: the trainer's side of a Tamiyo service — a `Policy` whose decisions come from `POST /step`.
 - `KasminaGateway`: remote control of a running Kasmina over Oona. Commands go on control.kasmina.commands and run at
   the trainer's next epoch boundary (lifecycle changes happen only there, MOR-3); the view of seeds and their
@@ -18,7 +19,8 @@ import threading
 import time
 import uuid
 from collections import deque
-from typing import Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
@@ -42,6 +44,9 @@ from cambium.morph.contracts import (
 from cambium.morph.controller import HeuristicPolicy
 from cambium.morph.errors import BackendError, redact
 from cambium.morph.library import ArtifactError, Urza
+
+if TYPE_CHECKING:
+    from cambium.morph.gnn import GnnPolicy
 
 __all__ = [
     "Analysis",
@@ -91,8 +96,11 @@ class KernelStatusUpdate(Contract):
 class PolicyLoad(Contract):
     """POST /policy/load: replace the policy."""
 
-    kind: Literal["heuristic", "gnn"] = Field(description="'heuristic'; 'gnn' (MOR-6) is not built yet")
-    config: PolicyConfig = Field(default_factory=PolicyConfig, description="heuristic thresholds and blueprint lists")
+    kind: Literal["heuristic", "gnn"] = Field(description="'heuristic', or 'gnn': a policy file Simic wrote")
+    config: PolicyConfig = Field(default_factory=PolicyConfig,
+                                 description="heuristic thresholds and blueprint lists (gnn: its blueprint mask)")
+    path: str | None = Field(default=None, min_length=1, max_length=1000,
+                             description="kind 'gnn': the policy file, relative to the library root")
     max_adaptations_per_epoch: int = Field(default=2, ge=0, le=1000, description="germinations per boundary")
 
 
@@ -166,9 +174,12 @@ class CommandAccepted(Contract):
 
 class TamiyoService:
     def __init__(self, urza: Urza, cfg: PolicyConfig | None = None, max_adaptations_per_epoch: int = 2,
-                 history: int = 1000) -> None:
+                 history: int = 1000, *, policy_root: str | Path | None = None) -> None:
+        """`policy_root`: the directory GNN policy files are loaded from (default: a local library's root)."""
         self.urza = urza
-        self.policy = HeuristicPolicy(cfg or PolicyConfig(), max_adaptations_per_epoch)
+        root = policy_root if policy_root is not None else getattr(urza.objects, "root", None)
+        self.policy_root = Path(root) if root is not None else None
+        self.policy: HeuristicPolicy | GnnPolicy = HeuristicPolicy(cfg or PolicyConfig(), max_adaptations_per_epoch)
         self.kind = "heuristic"
         self.version = 1
         self.history: deque[DecisionRecord] = deque(maxlen=history)
@@ -186,14 +197,37 @@ class TamiyoService:
 
     def analyze(self, packet: SystemStatePacket) -> Analysis:
         with self._lock:
-            probe = HeuristicPolicy(self.policy.cfg, self.policy.max_adaptations)  # leaves the latencies alone
+            # A copy: leaves the latencies alone.
+            probe = (self.policy.with_settings(self.policy.cfg, self.policy.max_adaptations)
+                     if not isinstance(self.policy, HeuristicPolicy)
+                     else HeuristicPolicy(self.policy.cfg, self.policy.max_adaptations))
             return Analysis(signals=tuple(probe.decide(packet)), seeds=probe.explain(packet))
 
+    def _gnn(self, request: PolicyLoad) -> GnnPolicy:
+        from cambium.morph.gnn import GnnPolicy  # torch_geometric only once a GNN is loaded
+
+        if request.path is None:
+            raise ProtocolError("kind 'gnn' needs path: the policy file (relative to the library root)")
+        if self.policy_root is None:
+            raise ConflictError("this Tamiyo has no local library directory to load policy files from")
+        root = self.policy_root.resolve()
+        try:
+            target = (root / request.path).resolve()
+            inside = target.is_relative_to(root) and not Path(request.path).is_absolute()
+            exists = inside and target.is_file()
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(f"path {request.path[:80]!r} is not a usable file name: {exc}") from None
+        if not inside:
+            raise ProtocolError(f"path {request.path[:80]!r} must name a file inside the library root")
+        if not exists:
+            raise NotFoundError(f"no policy file {request.path[:80]!r} in the library root")
+        return GnnPolicy.from_file(target, request.config, request.max_adaptations_per_epoch)
+
     def load(self, request: PolicyLoad) -> PolicyVersion:
-        if request.kind == "gnn":
-            raise ConflictError("the learned GNN policy (MOR-6, issue 21) is not built yet; load kind 'heuristic'")
+        policy = (self._gnn(request) if request.kind == "gnn"
+                  else HeuristicPolicy(request.config, request.max_adaptations_per_epoch))
         with self._lock:
-            self.policy = HeuristicPolicy(request.config, request.max_adaptations_per_epoch)
+            self.policy = policy
             self.kind = request.kind
             self.version += 1
         return self.policy_version()
@@ -206,13 +240,17 @@ class TamiyoService:
             except ValueError as exc:
                 raise ProtocolError(f"policy update {changes} is invalid: {exc}") from None
             limit = request.max_adaptations_per_epoch
-            self.policy = HeuristicPolicy(cfg, self.policy.max_adaptations if limit is None else limit)
+            budget = self.policy.max_adaptations if limit is None else limit
+            self.policy = (self.policy.with_settings(cfg, budget) if not isinstance(self.policy, HeuristicPolicy)
+                           else HeuristicPolicy(cfg, budget))
             self.version += 1
         return self.policy_version()
 
     def policy_version(self) -> PolicyVersion:
         with self._lock:
             settings = self.policy.cfg.model_dump_json() + f"|{self.policy.max_adaptations}"
+            if not isinstance(self.policy, HeuristicPolicy):
+                settings += "|" + str(self.policy.header["tensors_sha256"])
             return PolicyVersion(kind=self.kind, version=self.version,
                                  config_sha256=hashlib.sha256(settings.encode()).hexdigest())
 

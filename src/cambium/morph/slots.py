@@ -67,6 +67,11 @@ class SeedSlot(nn.Module):
         self._capture = False
         self.captured_x: torch.Tensor | None = None
         self.captured_grad: torch.Tensor | None = None
+        # The GradMax probe (policy.blueprint_choice = 'gradmax'): the activation and its loss gradient of the last
+        # sampled training step in IDENTITY mode; cleared at the start of every epoch (Kasmina.begin_epoch).
+        self.keep_probe = False
+        self.probe: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._probe_x: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.mode
@@ -80,6 +85,8 @@ class SeedSlot(nn.Module):
                     self.shape = _symbolic(x)
                 self.telemetry.record_forward(self.index, x)
                 if x.requires_grad:
+                    if self.keep_probe:
+                        self._probe_x = x.detach()
                     return _Tap.apply(x, self)
             return x
         if mode == Mode.SHADOW:
@@ -116,6 +123,9 @@ class SeedSlot(nn.Module):
         return y
 
     def _on_grad(self, grad: torch.Tensor) -> None:
+        if self._probe_x is not None:
+            self.probe = (self._probe_x, grad.detach())
+            self._probe_x = None
         if self._capture:
             self.captured_grad = grad.detach()
             self._capture = False
@@ -137,6 +147,10 @@ class SeedSlot(nn.Module):
         self.captured_x = None
         self.captured_grad = None
         self._capture = False
+
+    def clear_probe(self) -> None:
+        self.probe = None
+        self._probe_x = None
 
     def extra_repr(self) -> str:
         return f"index={self.index}, mode={self.mode.name}, alpha={self.alpha:.3f}"

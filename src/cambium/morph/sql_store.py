@@ -6,10 +6,17 @@ is one clear error) beside the columns that queries filter on. Tables:
     urza_meta      key → value                 (schema_version)
     blueprints     blueprint_id PK, name, family, status, parent_id, param_count, record
     kernels        artifact_id PK, blueprint_id, status, device, created_at, record
-    field_reports  id PK (insertion order), seed_id, outcome, record       (Simic's replay buffer of FieldReports)
+    field_reports  id PK (insertion order), seed_id, outcome, run_id, report_key UNIQUE, record
+    decisions      id PK (insertion order), run_id, epoch, decision_key UNIQUE, record
+                   (with field_reports: Simic's replay buffer, cambium.morph.field_reports)
 
-The schema is created on first use (`create_all`, idempotent) and stamped with `SCHEMA_VERSION`; a database stamped
-with another version is refused rather than migrated silently. Writes of blueprint and kernel records are upserts, so
+`report_key` / `decision_key` are dedupe keys (run id + boundary epoch + seed): a row whose key is already stored is
+not written again, so a resumed run (which repeats the boundaries after its last checkpoint) records each decision
+and outcome once. Reports posted without a key (`POST /training/experience`) are always appended.
+
+The schema is created on first use (`create_all`, idempotent) and stamped with `SCHEMA_VERSION`. A version-1 database
+(no dedupe columns, no decisions table) is upgraded in place by adding them (additive: nothing is rewritten); any
+other version is refused rather than migrated silently. Writes of blueprint and kernel records are upserts, so
 two workers storing the same content-addressed record agree.
 """
 
@@ -31,7 +38,7 @@ from cambium.morph.errors import BackendError, redact
 
 __all__ = ["SCHEMA_VERSION", "SqlMetadataStore", "engine_url"]
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 _md = sa.MetaData()
 _meta_t = sa.Table("urza_meta", _md, sa.Column("key", sa.String(64), primary_key=True),
@@ -61,6 +68,21 @@ _reports = sa.Table(
     sa.Column("seed_id", sa.Text, nullable=False),
     sa.Column("outcome", sa.String(16), nullable=False),
     sa.Column("record", sa.Text, nullable=False),
+    sa.Column("run_id", sa.Text, nullable=True),
+    sa.Column("report_key", sa.String(400), nullable=True, unique=True),
+)
+_decisions = sa.Table(
+    "decisions", _md,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.Text, nullable=False),
+    sa.Column("epoch", sa.Integer, nullable=False),
+    sa.Column("decision_key", sa.String(400), nullable=False, unique=True),
+    sa.Column("record", sa.Text, nullable=False),
+)
+_V1_UPGRADE = (
+    "ALTER TABLE field_reports ADD COLUMN run_id TEXT",
+    "ALTER TABLE field_reports ADD COLUMN report_key VARCHAR(400)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS field_reports_report_key ON field_reports (report_key)",
 )
 
 
@@ -119,11 +141,17 @@ class SqlMetadataStore:
             with self._db("creating the Urza schema"):
                 try:
                     _md.create_all(self.engine)
-                except (IntegrityError, ProgrammingError):
-                    _md.create_all(self.engine)  # another process created the tables at the same moment
+                except (IntegrityError, ProgrammingError, OperationalError):
+                    # another process created the tables at the same moment (SQLite: "table … already exists" is an
+                    # OperationalError); the second pass finds them. A real failure fails again and is reported.
+                    _md.create_all(self.engine)
                 with self.engine.begin() as conn:
                     stamped = conn.execute(sa.select(_meta_t.c.value).where(_meta_t.c.key == "schema_version")
                                            ).scalar_one_or_none()
+                    if stamped == "1":  # additive upgrade: the dedupe columns (the decisions table is new)
+                        for statement in _V1_UPGRADE:
+                            conn.execute(sa.text(statement))
+                        stamped = None
                     if stamped is None:
                         conn.execute(self._upsert(_meta_t, {"key": "schema_version", "value": SCHEMA_VERSION},
                                                   ["key"]))
@@ -183,12 +211,39 @@ class SqlMetadataStore:
             rows = conn.execute(query).scalars().all()
         return [parse(CompiledKernelArtifact, raw) for raw in rows]
 
-    def add_field_report(self, report: FieldReport) -> int:
-        """Append to the replay buffer; returns the buffer's size."""
+    def _insert_once(self, table: sa.Table, row: dict[str, Any], key: str) -> Any:
+        insert = postgresql.insert if self.engine.dialect.name == "postgresql" else sqlite.insert
+        return insert(table).values(**row).on_conflict_do_nothing(index_elements=[key])
+
+    def add_field_report(self, report: FieldReport, *, key: str | None = None, run_id: str | None = None) -> int:
+        """Append to the replay buffer (not again if a report with dedupe `key` is stored); returns its size."""
+        row = {"seed_id": report.seed_id, "outcome": report.outcome.value, "record": report.model_dump_json(),
+               "run_id": run_id, "report_key": key}
         with self._tx("storing a field report") as conn:
-            conn.execute(sa.insert(_reports).values(seed_id=report.seed_id, outcome=report.outcome.value,
-                                                    record=report.model_dump_json()))
+            if key is None:
+                conn.execute(sa.insert(_reports).values(**row))
+            else:
+                conn.execute(self._insert_once(_reports, row, "report_key"))
             return int(conn.execute(sa.select(sa.func.count()).select_from(_reports)).scalar_one())
+
+    def keyed_field_reports(self) -> list[tuple[str | None, FieldReport]]:
+        """Every report with the run that recorded it (None for reports posted without one), oldest first."""
+        query = sa.select(_reports.c.run_id, _reports.c.record).order_by(_reports.c.id)
+        with self._tx("reading field reports") as conn:
+            rows = conn.execute(query).all()
+        return [(run, parse(FieldReport, raw)) for run, raw in rows]
+
+    def add_decision(self, run_id: str, epoch: int, key: str, record: str) -> None:
+        """Store one boundary's observation and actions (JSON `record`) unless `key` is stored already."""
+        row = {"run_id": run_id, "epoch": epoch, "decision_key": key, "record": record}
+        with self._tx("storing a decision") as conn:
+            conn.execute(self._insert_once(_decisions, row, "decision_key"))
+
+    def decisions(self) -> list[tuple[str, str]]:
+        """(run_id, record JSON) of every stored decision, oldest first."""
+        query = sa.select(_decisions.c.run_id, _decisions.c.record).order_by(_decisions.c.id)
+        with self._tx("reading decisions") as conn:
+            return [(run, raw) for run, raw in conn.execute(query).all()]
 
     def field_reports(self, limit: int | None = None) -> list[FieldReport]:
         """The replay buffer, oldest first (the last `limit` reports if given)."""

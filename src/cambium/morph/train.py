@@ -34,7 +34,8 @@ from cambium.data.images import load_cifar10, normalize
 from cambium.morph.backends import Endpoints, open_bus, open_urza
 from cambium.morph.bus import Bus
 from cambium.morph.config import MorphConfig, TrainConfig
-from cambium.morph.controller import Policy
+from cambium.morph.controller import Policy, gnn_policy
+from cambium.morph.field_reports import ReplayRecorder
 from cambium.morph.hosts import HostCNN
 from cambium.morph.library import Urza
 from cambium.morph.lifecycle import ACTIVE
@@ -233,14 +234,20 @@ def train(cfg: MorphConfig, *, name: str, runs_root: str | Path = "runs", resume
     service (the same policy gives the same run). `bus_namespace` names the streams instead (compile workers
     started beforehand with `cambium morph worker --namespace` serve a run with `library.compile_in = "workers"`).
     """
+    if cfg.train.morphogenetic and cfg.controller.kind == "gnn":
+        gnn_policy(cfg)  # a missing or damaged policy file is refused before a run is created
     splits = load_splits(cfg)
     ends = endpoints if endpoints is not None else Endpoints()
     with open_session(cfg, cfg.train, runs_root, system="morph", name=name, resume=resume, data_files=splits.files,
                       reporter=reporter, show_progress=show_progress, measure_peak=measure_peak) as session:
-        bus = open_bus(ends, namespace=bus_namespace or f"oona:{session.run.id}")
+        bus = open_bus(ends, namespace=bus_namespace or f"oona:{session.run.id}", retention=cfg.bus.retention)
         urza = open_urza(ends, cfg.library.root)
         tamiyo = TamiyoClient(ends.tamiyo_url, ends.api_token) if ends.tamiyo_url is not None else None
         task = MorphTask(cfg, splits, name, bus=bus, urza=urza, policy=tamiyo)
+        if task.tolaria is not None:  # Simic's replay buffer (deduplicated: a resume records nothing twice)
+            kind = "remote" if tamiyo is not None else cfg.controller.kind
+            task.tolaria.recorder = ReplayRecorder(urza, session.run.id, policy=kind,
+                                                   budget=cfg.lifecycle.max_adaptations_per_epoch)
         try:
             result = session.fit(task, stop_after=stop_after)
             report = task.report(session.run.id, result.steps)
