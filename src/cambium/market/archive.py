@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 
 from cambium.core.errors import DataError, ProtocolError
-from cambium.market.limits import Backoff
+from cambium.market.limits import Backoff, parse_retry_after
 
 __all__ = ["ARCHIVE_KINDS", "ARCHIVE_URL", "ArchiveReport", "archive_file", "days", "download_archive"]
 
@@ -115,7 +115,8 @@ class _Fetcher:
                 if last:
                     raise ProtocolError(f"GET {url} answered HTTP {response.status_code} after {attempt + 1} "
                                         f"attempts")
-                self._wait(max(self.backoff.delay(attempt), _retry_after_s(response)))
+                self._wait(max(self.backoff.delay(attempt),
+                                   parse_retry_after(response.headers.get("retry-after"), cap_s=300.0) or 0.0))
                 continue
             raise ProtocolError(f"GET {url} answered HTTP {response.status_code}")
         raise AssertionError("unreachable")  # the last attempt returns or raises
@@ -123,14 +124,6 @@ class _Fetcher:
     def _wait(self, seconds: float) -> None:
         self.retried += 1
         self.sleep(seconds)
-
-
-def _retry_after_s(response: httpx.Response, cap: float = 300.0) -> float:
-    try:
-        value = float(response.headers.get("retry-after", "0"))
-    except ValueError:
-        return 0.0
-    return min(cap, value) if value > 0 else 0.0  # NaN and negatives → 0
 
 
 def _checksum(text: bytes, url: str, name: str) -> str:
